@@ -1,0 +1,231 @@
+"""T5X-style model wrapper: loss, scoring and decoding around the Flax module.
+
+`EncoderDecoderModel` holds no parameters; every method is a pure function of
+(params, batch), so callers jit, shard and differentiate them as they need.
+Batches are T5X's encoder-decoder features: `encoder_input_tokens`,
+`decoder_input_tokens`, `decoder_target_tokens` (and optional
+`decoder_loss_weights`), token 0 = padding and decoder BOS, 1 = EOS.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable, Mapping, Optional, Tuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from prompt_transfer import decoding
+from prompt_transfer.config import T5Config
+from prompt_transfer.network import Transformer
+from prompt_transfer.prompts import Prompt, PromptInit, random_uniform
+
+Array = jax.Array
+Params = Mapping[str, Any]
+Batch = Mapping[str, Array]
+
+# Where prompt-producing modules keep their parameters: the trainable subtree.
+PROMPT_PATH = ('encoder', 'prompt')
+
+
+class EncoderDecoderModel:
+  """A Flax T5 `module` plus the functions T5X's models provide."""
+
+  def __init__(self, config: T5Config, module: Transformer, vocabulary: Any = None,
+               z_loss: float = 1e-4, label_smoothing: float = 0.0):
+    self.config = config
+    self.module = module
+    self.vocabulary = vocabulary
+    self.z_loss = z_loss
+    self.label_smoothing = label_smoothing
+    # Compiled once per batch shape; callers may still wrap them in their own jit.
+    self._predict_jit = jax.jit(self._predict, static_argnames=('num_decodes',))
+    self._score_jit = jax.jit(self._score)
+
+  @property
+  def prompt_length(self) -> int:
+    return getattr(self, '_prompt_length', 0)
+
+  # ---- parameters -----------------------------------------------------------
+  def _dummy_batch(self, batch_size: int = 1, input_len: int = 4, target_len: int = 4):
+    return (jnp.ones((batch_size, input_len), jnp.int32),
+            jnp.ones((batch_size, target_len), jnp.int32),
+            jnp.ones((batch_size, target_len), jnp.int32))
+
+  def init_params(self, rng: Array) -> Params:
+    """Random parameters (float32 arrays, logical-axis boxes removed)."""
+    boxed = self.module.init(rng, *self._dummy_batch())['params']
+    return nn.unbox(boxed)
+
+  def param_shapes(self) -> Params:
+    """Shape/dtype tree of every parameter, without allocating them."""
+    boxed = jax.eval_shape(self.module.init, jax.random.PRNGKey(0), *self._dummy_batch())
+    return nn.unbox(boxed['params'])
+
+  def param_logical_axes(self) -> Params:
+    """Tree of PartitionSpecs of logical axis names (see partitioning)."""
+    boxed = jax.eval_shape(self.module.init, jax.random.PRNGKey(0), *self._dummy_batch())
+    return nn.get_partition_spec(boxed['params'])
+
+  def init_prompt(self, rng: Array, frozen_params: Params) -> Params:
+    """Creates the prompt module's parameters given the frozen model's ones.
+
+    Runs the prompt initialiser against the real (loaded) embedding table, so
+    sampled-vocab and class-label inits read pretrained rows. Returns the full
+    tree with `encoder/prompt` added.
+    """
+    enc, dec, tgt = self._dummy_batch()
+    params = dict(frozen_params)
+    params['encoder'] = {k: v for k, v in params['encoder'].items() if k != 'prompt'}
+    _, variables = self.module.apply({'params': params}, enc, dec, tgt,
+                                     rngs={'params': rng}, mutable=['params'])
+    return nn.unbox(variables['params'])
+
+  # ---- training -------------------------------------------------------------
+  def loss_fn(self, params: Params, batch: Batch, dropout_rng: Optional[Array]
+              ) -> Tuple[Array, dict]:
+    """Token-averaged cross entropy (+ z-loss) -> (loss, metrics)."""
+    logits = self.module.apply(
+        {'params': params}, batch['encoder_input_tokens'], batch['decoder_input_tokens'],
+        batch['decoder_target_tokens'], enable_dropout=dropout_rng is not None,
+        rngs={'dropout': dropout_rng} if dropout_rng is not None else None)
+    targets = batch['decoder_target_tokens']
+    weights = batch.get('decoder_loss_weights', (targets > 0).astype(jnp.float32))
+    weights = weights.astype(jnp.float32)
+    ce, z = cross_entropy_with_z_loss(logits, targets, self.z_loss, self.label_smoothing)
+    denom = jnp.maximum(jnp.sum(weights), 1.0)
+    loss = jnp.sum((ce + z) * weights) / denom
+    accuracy = jnp.sum((jnp.argmax(logits, -1) == targets) * weights) / denom
+    return loss, {'loss': loss, 'cross_entropy': jnp.sum(ce * weights) / denom,
+                  'z_loss': jnp.sum(z * weights) / denom, 'token_accuracy': accuracy,
+                  'num_tokens': jnp.sum(weights)}
+
+  # ---- inference ------------------------------------------------------------
+  def score_batch(self, params: Params, batch: Batch) -> Array:
+    """Summed log-likelihood of each example's targets [b] (rank classification)."""
+    return self._score_jit(params, _model_features(batch))
+
+  def _score(self, params: Params, batch: Batch) -> Array:
+    logits = self.module.apply({'params': params}, batch['encoder_input_tokens'],
+                               batch['decoder_input_tokens'], batch['decoder_target_tokens'])
+    targets = batch['decoder_target_tokens']
+    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    token_logp = jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
+    return jnp.sum(token_logp * (targets > 0), axis=-1)
+
+  def capture_activations(self, params: Params, batch: Batch, decoder: bool = True
+                          ) -> dict:
+    """FFN activations sown by every MLP block: the `intermediates` tree.
+
+    Leaves: {encoder,decoder}/layers_i/mlp/{pre_activation,hidden}, each a
+    1-tuple holding [b, len, mlp].
+    """
+    targets = batch.get('decoder_target_tokens', batch['decoder_input_tokens'])
+    _, state = self.module.apply({'params': params}, batch['encoder_input_tokens'],
+                                 batch['decoder_input_tokens'], targets,
+                                 mutable=['intermediates'])
+    inter = state['intermediates']
+    return inter if decoder else {'encoder': inter['encoder']}
+
+  def predict_batch(self, params: Params, batch: Batch, num_decodes: int = 1,
+                    length_penalty: float = 1.0, return_scores: bool = False) -> Any:
+    """Decodes up to `decoder_input_tokens.shape[1]` tokens per example.
+
+    num_decodes == 1: greedy; > 1: beam search with that many beams (the best
+    beam is returned; a finished beam of n tokens scores sum(log p) /
+    n ** length_penalty). Returns int32 tokens [b, max_len], zeros after EOS,
+    and with return_scores=True also each sequence's score.
+    """
+    tokens, scores = self._predict_jit(params, _model_features(batch), num_decodes,
+                                       jnp.float32(length_penalty))
+    return (tokens, scores) if return_scores else tokens
+
+  def _predict(self, params: Params, batch: Batch, num_decodes: int,
+               length_penalty: Array) -> Tuple[Array, Array]:
+    enc_tokens = batch['encoder_input_tokens']
+    b, max_len = enc_tokens.shape[0], batch['decoder_input_tokens'].shape[1]
+    encoded, mask = self.module.apply({'params': params}, enc_tokens,
+                                      method=Transformer.encode)
+    # A full-length pass in decode mode creates the caches: zeros for
+    # self-attention, projected encoder keys/values for cross-attention.
+    _, state = self.module.apply(
+        {'params': params}, encoded, mask, jnp.zeros((b, max_len), jnp.int32),
+        decode=True, max_decode_length=max_len, method=Transformer.decode,
+        mutable=['cache'])
+    cache = state['cache']
+    if num_decodes > 1:
+      cache, encoded, mask = decoding.expand_for_beams((cache, encoded, mask), b, num_decodes)
+
+    def step_fn(tokens, cache):
+      logits, new_state = self.module.apply(
+          {'params': params, 'cache': cache}, encoded, mask, tokens, decode=True,
+          max_decode_length=max_len, method=Transformer.decode, mutable=['cache'])
+      return logits[:, -1, :], new_state['cache']
+
+    if num_decodes == 1:
+      tokens, scores = decoding.greedy_search(step_fn, cache, b, max_len)
+    else:
+      seqs, beam_scores = decoding.beam_search(step_fn, cache, b, max_len, num_decodes,
+                                               length_penalty)
+      tokens, scores = seqs[:, 0], beam_scores[:, 0]
+    return tokens, scores
+
+
+def _model_features(batch: Batch) -> dict:
+  """The arrays the model reads (drops strings and other seqio extras)."""
+  keys = ('encoder_input_tokens', 'decoder_input_tokens', 'decoder_target_tokens')
+  return {k: jnp.asarray(batch[k]) for k in keys if k in batch}
+
+
+def cross_entropy_with_z_loss(logits: Array, targets: Array, z_loss: float = 0.0,
+                              label_smoothing: float = 0.0) -> Tuple[Array, Array]:
+  """Per-token cross entropy and T5X's z-loss (z_loss * log(Z)^2), both [b, t].
+
+  optax has the cross entropy but not the z-loss term, which needs log(Z).
+  """
+  logits = logits.astype(jnp.float32)
+  log_z = jax.nn.logsumexp(logits, axis=-1)
+  target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+  ce = log_z - target_logit
+  if label_smoothing:
+    ce = (1 - label_smoothing) * ce + label_smoothing * (log_z - jnp.mean(logits, -1))
+  return ce, z_loss * jnp.square(log_z)
+
+
+def build_model(config: T5Config, prompt_length: int = 0,
+                prompt_init: Optional[PromptInit] = None,
+                prompt_factory: Optional[Callable[..., nn.Module]] = None,
+                vocabulary: Any = None, **model_kwargs: Any) -> EncoderDecoderModel:
+  """Model with a free prompt of `prompt_length` rows, or a custom producer.
+
+  prompt_factory overrides the free prompt (projector, intrinsic decoder, ...):
+  it is called with name='prompt' and must return a module mapping the
+  embedding table to a [l, e] prompt. prompt_length 0 and no factory: plain T5.
+  """
+  if prompt_factory is None and prompt_length > 0:
+    prompt_factory = functools.partial(Prompt, length=prompt_length,
+                                       init=prompt_init or random_uniform())
+  module = Transformer(config, prompt=prompt_factory)
+  model = EncoderDecoderModel(config, module, vocabulary, **model_kwargs)
+  model._prompt_length = prompt_length
+  return model
+
+
+def get_prompt(params: Params) -> Optional[Params]:
+  """The prompt module's parameter subtree (None for a plain model)."""
+  return params.get('encoder', {}).get('prompt')
+
+
+def split_prompt(params: Params) -> Tuple[Params, Params]:
+  """(trainable prompt subtree, frozen rest) of a full parameter tree."""
+  frozen = dict(params)
+  frozen['encoder'] = {k: v for k, v in params['encoder'].items() if k != 'prompt'}
+  return params['encoder']['prompt'], frozen
+
+
+def merge_prompt(prompt: Params, frozen: Params) -> Params:
+  """Inverse of split_prompt."""
+  params = dict(frozen)
+  params['encoder'] = dict(frozen['encoder'], prompt=prompt)
+  return params

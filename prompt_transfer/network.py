@@ -1,0 +1,432 @@
+"""The T5 encoder-decoder in Flax linen, with a soft-prompt slot on the encoder.
+
+Layout and parameter names follow t5x/examples/t5/network.py, so a T5X
+checkpoint maps one-to-one onto this module's parameter tree. The forward pass
+equals Hugging Face's `T5ForConditionalGeneration` (tested against it).
+
+Shape letters: b batch, s encoder length (prompt included), t decoder length,
+e emb_dim, h heads, d head_dim, m mlp_dim, v vocab, l prompt length.
+
+Seams used by later methods:
+  * the `prompt` field of `Transformer`: any module returning [l, e] (a free
+    array, a projector, the decoder of an intrinsic subspace); its parameters
+    live under `encoder/prompt/...` and are what the trainer updates;
+  * every MLP `sow`s its first projection (pre-activation) and its hidden
+    activation into the `intermediates` collection: pass
+    `mutable=['intermediates']` to read FFN neurons (transferability, FPT);
+  * the number of layers and the FFN width are read from the bound parameter
+    arrays when there are any, so a partial model (fewer layers, fewer neurons)
+    runs with the full model's config.
+"""
+from __future__ import annotations
+
+import functools
+import math
+import re
+from typing import Any, Callable, Optional, Tuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from prompt_transfer.config import T5Config
+from prompt_transfer.prompts import PromptSlot
+
+Array = jax.Array
+Initializer = Callable[..., Array]
+
+# Logical axis names (T5X conventions), mapped to mesh axes by partitioning.py.
+BATCH, LENGTH, EMBED, MLP, HEADS, KV, VOCAB = ('batch', 'length', 'embed', 'mlp',
+                                               'heads', 'kv', 'vocab')
+JOINED_KV = 'joined_kv'
+
+
+def _param(module: nn.Module, name: str, init: Initializer, shape: Tuple[int, ...],
+           axes: Tuple[str, ...], dtype: Any) -> Array:
+  return module.param(name, nn.with_logical_partitioning(init, axes), shape, dtype)
+
+
+def _constrain(x: Array, axes: Tuple[str, ...]) -> Array:
+  # No-op without a mesh and axis rules in context; shards activations with them.
+  return nn.with_logical_constraint(x, axes)
+
+
+class LayerNorm(nn.Module):
+  """T5's layer norm: RMS scaling only, no bias and no mean subtraction."""
+  epsilon: float = 1e-6
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    x32 = x.astype(jnp.float32)
+    var = jnp.mean(jnp.square(x32), axis=-1, keepdims=True)
+    y = x32 * jax.lax.rsqrt(var + self.epsilon)
+    scale = _param(self, 'scale', nn.initializers.ones, (x.shape[-1],), (EMBED,),
+                   self.param_dtype)
+    return (y * scale.astype(jnp.float32)).astype(self.dtype)
+
+
+class Dense(nn.Module):
+  """A bias-free projection whose kernel is stored 2-D, as T5X stores it."""
+  features: int
+  kernel_axes: Tuple[str, str]
+  kernel_init: Initializer = nn.initializers.lecun_normal()
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    kernel = _param(self, 'kernel', self.kernel_init, (x.shape[-1], self.features),
+                    self.kernel_axes, self.param_dtype)
+    return jnp.dot(x.astype(self.dtype), kernel.astype(self.dtype))
+
+
+class Embed(nn.Module):
+  """Token embedding table, also used as the tied output layer (T5 1.0)."""
+  num_embeddings: int
+  features: int
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+
+  def setup(self):
+    self.embedding = _param(self, 'embedding', nn.initializers.normal(stddev=1.0),
+                            (self.num_embeddings, self.features), (VOCAB, EMBED),
+                            self.param_dtype)
+
+  def __call__(self, tokens: Array) -> Array:
+    return jnp.take(self.embedding, tokens, axis=0).astype(self.dtype)
+
+  def attend(self, x: Array) -> Array:
+    return jnp.dot(x.astype(self.dtype), self.embedding.T.astype(self.dtype))
+
+
+def relative_position_bucket(relative_position: Array, bidirectional: bool,
+                             num_buckets: int, max_distance: int) -> Array:
+  """Maps key-minus-query offsets to T5's log-spaced buckets ([q, k] int32)."""
+  ret = jnp.zeros_like(relative_position)
+  n = -relative_position
+  if bidirectional:
+    num_buckets //= 2
+    ret += (n < 0).astype(jnp.int32) * num_buckets
+    n = jnp.abs(n)
+  else:
+    n = jnp.maximum(n, 0)
+  max_exact = num_buckets // 2
+  is_small = n < max_exact
+  # Guard log(0); those positions take the exact branch anyway.
+  val_if_large = max_exact + (
+      jnp.log(jnp.maximum(n, 1).astype(jnp.float32) / max_exact) /
+      math.log(max_distance / max_exact) * (num_buckets - max_exact)).astype(jnp.int32)
+  val_if_large = jnp.minimum(val_if_large, num_buckets - 1)
+  return ret + jnp.where(is_small, n, val_if_large)
+
+
+class RelativePositionBiases(nn.Module):
+  """Learned per-head bias of each relative-position bucket (shared by layers)."""
+  config: T5Config
+  bidirectional: bool
+
+  @nn.compact
+  def __call__(self, query_positions: Array, key_positions: Array) -> Array:
+    """Positions [q] and [k] -> bias [1, h, q, k]."""
+    cfg = self.config
+    rel = key_positions[None, :] - query_positions[:, None]  # [q, k]
+    buckets = relative_position_bucket(rel, self.bidirectional,
+                                       cfg.relative_attention_num_buckets,
+                                       cfg.relative_attention_max_distance)
+    table = _param(self, 'rel_embedding', nn.initializers.normal(stddev=1.0),
+                   (cfg.num_heads, cfg.relative_attention_num_buckets),
+                   (HEADS, 'relpos_buckets'), cfg.param_dtype)
+    bias = jnp.take(table, buckets, axis=1)  # [h, q, k]
+    return bias[None].astype(cfg.dtype)
+
+
+class MultiHeadAttention(nn.Module):
+  """Multi-head dot-product attention with T5's conventions.
+
+  No 1/sqrt(d) scaling in the forward pass: T5 folds it into the query
+  initialisation, and checkpoints are trained that way.
+  """
+  config: T5Config
+
+  @nn.compact
+  def __call__(self, inputs_q: Array, inputs_kv: Array, mask: Optional[Array],
+               bias: Optional[Array], enable_dropout: bool = False,
+               decode: bool = False, cache_kv_once: bool = False) -> Array:
+    """inputs_q [b, q, e], inputs_kv [b, k, e], mask [b, 1|h, q, k] -> [b, q, e].
+
+    decode: autoregressive self-attention; the keys/values of each new position
+      are written into the `cache` collection at `cache_index`.
+    cache_kv_once: cross-attention while decoding; keys/values of the encoder
+      output are projected on the cache-initialising call and reused after.
+    """
+    cfg = self.config
+    b = inputs_q.shape[0]
+    h, d = cfg.num_heads, cfg.head_dim
+    query_init = nn.initializers.variance_scaling(1.0 / d, 'fan_in', 'normal')
+    dense = functools.partial(Dense, features=h * d, kernel_axes=(EMBED, JOINED_KV),
+                              dtype=cfg.dtype, param_dtype=cfg.param_dtype)
+    q = dense(name='query', kernel_init=query_init)(inputs_q).reshape(b, -1, h, d)
+
+    if cache_kv_once and self.has_variable('cache', 'cached_key'):
+      k = self.get_variable('cache', 'cached_key')
+      v = self.get_variable('cache', 'cached_value')
+    else:
+      k = dense(name='key')(inputs_kv).reshape(b, -1, h, d)
+      v = dense(name='value')(inputs_kv).reshape(b, -1, h, d)
+      if cache_kv_once and self.is_mutable_collection('cache'):
+        self.put_variable('cache', 'cached_key', k)
+        self.put_variable('cache', 'cached_value', v)
+    q = _constrain(q, (BATCH, LENGTH, HEADS, KV))
+    k = _constrain(k, (BATCH, LENGTH, HEADS, KV))
+    v = _constrain(v, (BATCH, LENGTH, HEADS, KV))
+
+    if decode:
+      # Self-attention cache: [b, max_len, h, d] keys and values.
+      is_initialized = self.has_variable('cache', 'cached_key')
+      cached_key = self.variable('cache', 'cached_key', jnp.zeros, k.shape, k.dtype)
+      cached_value = self.variable('cache', 'cached_value', jnp.zeros, v.shape, v.dtype)
+      cache_index = self.variable('cache', 'cache_index',
+                                  lambda: jnp.array(0, dtype=jnp.int32))
+      if is_initialized:
+        idx = cache_index.value
+        k = jax.lax.dynamic_update_slice(cached_key.value, k, (0, idx, 0, 0))
+        v = jax.lax.dynamic_update_slice(cached_value.value, v, (0, idx, 0, 0))
+        cached_key.value, cached_value.value = k, v
+        cache_index.value = idx + 1
+        # Only keys at or before the current position are visible.
+        visible = jnp.arange(k.shape[1]) <= idx
+        mask = jnp.broadcast_to(visible[None, None, None, :], (b, 1, 1, k.shape[1]))
+
+    logits_dtype = jnp.float32 if cfg.float32_attention_logits else cfg.dtype
+    logits = jnp.einsum('bqhd,bkhd->bhqk', q.astype(logits_dtype), k.astype(logits_dtype))
+    if bias is not None:
+      logits = logits + bias.astype(logits_dtype)
+    if mask is not None:
+      logits = jnp.where(mask, logits, jnp.finfo(logits_dtype).min)
+    weights = jax.nn.softmax(logits, axis=-1).astype(cfg.dtype)
+    if enable_dropout and cfg.dropout_rate > 0:
+      weights = nn.Dropout(cfg.dropout_rate, broadcast_dims=())(weights, deterministic=False)
+    out = jnp.einsum('bhqk,bkhd->bqhd', weights, v.astype(cfg.dtype)).reshape(b, -1, h * d)
+    return Dense(cfg.emb_dim, (JOINED_KV, EMBED), name='out', dtype=cfg.dtype,
+                 param_dtype=cfg.param_dtype)(out)
+
+
+_ACTIVATIONS = {
+    'relu': jax.nn.relu,
+    # Hugging Face's "gelu_new" (tanh approximation), which T5 1.1 was trained with.
+    'gelu': functools.partial(jax.nn.gelu, approximate=True),
+    'silu': jax.nn.silu,
+    'linear': lambda x: x,
+}
+
+
+class MlpBlock(nn.Module):
+  """T5's feed-forward block: wi (ReLU) or gated wi_0 * wi_1 (GELU), then wo.
+
+  The width comes from the bound `wo` kernel when there is one, so FFN-reduced
+  partial models (FPT) run unchanged. Sows `pre_activation` (the first
+  projection, before its non-linearity: positive = neuron fires) and `hidden`
+  (the input of wo) into `intermediates`.
+  """
+  config: T5Config
+
+  @nn.compact
+  def __call__(self, x: Array, enable_dropout: bool = False) -> Array:
+    cfg = self.config
+    bound = {} if self.is_initializing() else self.variables.get('params', {})
+    width = bound['wo']['kernel'].shape[0] if 'wo' in bound else cfg.mlp_dim
+    dense = functools.partial(Dense, width, (EMBED, MLP), dtype=cfg.dtype,
+                              param_dtype=cfg.param_dtype)
+    acts = cfg.mlp_activations
+    names = ['wi'] if len(acts) == 1 else [f'wi_{i}' for i in range(len(acts))]
+    projections = [dense(name=n)(x) for n in names]  # each [b, s, m]
+    self.sow('intermediates', 'pre_activation', projections[0])
+    h = _ACTIVATIONS[acts[0]](projections[0])
+    for act, proj in zip(acts[1:], projections[1:]):
+      h = h * _ACTIVATIONS[act](proj)
+    h = _constrain(h, (BATCH, LENGTH, MLP))
+    self.sow('intermediates', 'hidden', h)
+    if enable_dropout and cfg.dropout_rate > 0:
+      h = nn.Dropout(cfg.dropout_rate)(h, deterministic=False)
+    return Dense(cfg.emb_dim, (MLP, EMBED), name='wo', dtype=cfg.dtype,
+                 param_dtype=cfg.param_dtype)(h)
+
+
+def _dropout(cfg: T5Config, x: Array, enable_dropout: bool) -> Array:
+  if not enable_dropout or cfg.dropout_rate == 0:
+    return x
+  return nn.Dropout(cfg.dropout_rate, broadcast_dims=(-2,))(x, deterministic=False)
+
+
+class EncoderLayer(nn.Module):
+  config: T5Config
+
+  @nn.compact
+  def __call__(self, x: Array, mask: Array, bias: Array, enable_dropout: bool = False
+               ) -> Array:
+    cfg = self.config
+    ln = functools.partial(LayerNorm, cfg.layer_norm_epsilon, cfg.dtype, cfg.param_dtype)
+    y = ln(name='pre_attention_layer_norm')(x)
+    y = MultiHeadAttention(cfg, name='attention')(y, y, mask, bias, enable_dropout)
+    x = x + _dropout(cfg, y, enable_dropout)
+    y = ln(name='pre_mlp_layer_norm')(x)
+    y = MlpBlock(cfg, name='mlp')(y, enable_dropout)
+    x = x + _dropout(cfg, y, enable_dropout)
+    return _constrain(x, (BATCH, LENGTH, EMBED))
+
+
+class DecoderLayer(nn.Module):
+  config: T5Config
+
+  @nn.compact
+  def __call__(self, x: Array, encoded: Array, self_mask: Optional[Array],
+               cross_mask: Array, bias: Array, enable_dropout: bool = False,
+               decode: bool = False) -> Array:
+    cfg = self.config
+    ln = functools.partial(LayerNorm, cfg.layer_norm_epsilon, cfg.dtype, cfg.param_dtype)
+    y = ln(name='pre_self_attention_layer_norm')(x)
+    y = MultiHeadAttention(cfg, name='self_attention')(
+        y, y, self_mask, bias, enable_dropout, decode=decode)
+    x = x + _dropout(cfg, y, enable_dropout)
+    y = ln(name='pre_cross_attention_layer_norm')(x)
+    y = MultiHeadAttention(cfg, name='encoder_decoder_attention')(
+        y, encoded, cross_mask, None, enable_dropout, cache_kv_once=decode)
+    x = x + _dropout(cfg, y, enable_dropout)
+    y = ln(name='pre_mlp_layer_norm')(x)
+    y = MlpBlock(cfg, name='mlp')(y, enable_dropout)
+    x = x + _dropout(cfg, y, enable_dropout)
+    return _constrain(x, (BATCH, LENGTH, EMBED))
+
+
+def _num_layers(module: nn.Module, default: int) -> int:
+  """Layer count from the bound `layers_N` parameters, else from the config."""
+  if module.is_initializing():
+    return default
+  names = [k for k in module.variables.get('params', {}) if re.fullmatch(r'layers_\d+', k)]
+  return len(names) if names else default
+
+
+def _layer_cls(cfg: T5Config, cls: type) -> type:
+  # Recompute activations in the backward pass instead of storing them.
+  return nn.remat(cls, static_argnums=(5, 6, 7) if cls is DecoderLayer else (4,)) \
+      if cfg.remat else cls
+
+
+class Encoder(nn.Module):
+  """Embeds tokens, prepends the prompt, runs the layer stack."""
+  config: T5Config
+  shared_embedding: nn.Module
+  # Factory of the prompt-producing module (see prompts.py); None = plain T5.
+  prompt: Optional[Callable[..., nn.Module]] = None
+
+  @nn.compact
+  def __call__(self, encoder_input_tokens: Array, enable_dropout: bool = False
+               ) -> Tuple[Array, Array]:
+    """tokens [b, s0] -> (encoded [b, l+s0, e], input mask [b, l+s0])."""
+    cfg = self.config
+    x = self.shared_embedding(encoder_input_tokens)  # [b, s0, e]
+    mask = encoder_input_tokens > 0  # [b, s0]
+    if self.prompt is not None:
+      # [b, l+s0, e], [b, l+s0]: prompt rows always attended to.
+      x, mask = PromptSlot(self.prompt, name='prompt')(
+          x, mask, embedding=self.shared_embedding.embedding)
+    x = _constrain(x, (BATCH, LENGTH, EMBED))
+    x = _dropout(cfg, x, enable_dropout)
+    # Relative positions run over the prompt and the tokens as one sequence.
+    positions = jnp.arange(x.shape[1])
+    bias = RelativePositionBiases(cfg, bidirectional=True, name='relpos_bias')(
+        positions, positions)  # [1, h, s, s]
+    attn_mask = mask[:, None, None, :]  # [b, 1, 1, s]
+    layer = _layer_cls(cfg, EncoderLayer)
+    for i in range(_num_layers(self, cfg.num_encoder_layers)):
+      x = layer(cfg, name=f'layers_{i}')(x, attn_mask, bias, enable_dropout)
+    x = LayerNorm(cfg.layer_norm_epsilon, cfg.dtype, cfg.param_dtype,
+                  name='encoder_norm')(x)
+    return _dropout(cfg, x, enable_dropout), mask
+
+
+class Decoder(nn.Module):
+  """Causal layer stack over the decoder tokens, attending to the encoder."""
+  config: T5Config
+  shared_embedding: nn.Module
+
+  @nn.compact
+  def __call__(self, encoded: Array, encoder_mask: Array, decoder_input_tokens: Array,
+               decoder_target_tokens: Optional[Array] = None, enable_dropout: bool = False,
+               decode: bool = False, max_decode_length: Optional[int] = None) -> Array:
+    """encoded [b, s, e], decoder tokens [b, t] -> logits [b, t, v].
+
+    In decode mode t == 1 and the position comes from the cache index.
+    """
+    cfg = self.config
+    y = self.shared_embedding(decoder_input_tokens)  # [b, t, e]
+    y = _dropout(cfg, y, enable_dropout)
+    t = decoder_input_tokens.shape[1]
+    relpos = RelativePositionBiases(cfg, bidirectional=False, name='relpos_bias')
+    if decode:
+      initialized = self.has_variable('cache', 'position')
+      step = self.variable('cache', 'position', lambda: jnp.array(0, jnp.int32))
+      length = max_decode_length or t
+      bias = relpos(step.value[None], jnp.arange(length))  # [1, h, 1, max_len]
+      if initialized:
+        step.value = step.value + 1
+      self_mask = None  # attention builds it from its cache index
+    else:
+      positions = jnp.arange(t)
+      bias = relpos(positions, positions)  # [1, h, t, t]
+      causal = positions[None, :] <= positions[:, None]  # [t, t]
+      self_mask = causal[None, None]
+      if decoder_target_tokens is not None:
+        # Padding targets attend nowhere useful; T5X masks them out too.
+        valid = decoder_target_tokens > 0
+        self_mask = self_mask & valid[:, None, :, None] & valid[:, None, None, :]
+    cross_mask = encoder_mask[:, None, None, :]  # [b, 1, 1, s]
+    layer = _layer_cls(cfg, DecoderLayer)
+    for i in range(_num_layers(self, cfg.num_decoder_layers)):
+      y = layer(cfg, name=f'layers_{i}')(y, encoded, self_mask, cross_mask, bias,
+                                         enable_dropout, decode)
+    y = LayerNorm(cfg.layer_norm_epsilon, cfg.dtype, cfg.param_dtype,
+                  name='decoder_norm')(y)
+    y = _dropout(cfg, y, enable_dropout)
+    if cfg.logits_via_embedding:
+      # Tied head: T5 rescales by 1/sqrt(e) before attending to the embedding.
+      logits = self.shared_embedding.attend(y * (cfg.emb_dim ** -0.5))
+    else:
+      logits = Dense(cfg.vocab_size, (EMBED, VOCAB), name='logits_dense',
+                     dtype=cfg.dtype, param_dtype=cfg.param_dtype)(y)
+    return _constrain(logits.astype(jnp.float32), (BATCH, LENGTH, VOCAB))
+
+
+class Transformer(nn.Module):
+  """T5 encoder-decoder with an optional prompt module on the encoder input."""
+  config: T5Config
+  # A factory (e.g. functools.partial(prompts.Prompt, length=100)) rather than a
+  # module instance, so the prompt's parameters live under encoder/prompt/.
+  prompt: Optional[Callable[..., nn.Module]] = None
+
+  def setup(self):
+    cfg = self.config
+    self.token_embedder = Embed(cfg.vocab_size, cfg.emb_dim, cfg.dtype, cfg.param_dtype)
+    self.encoder = Encoder(cfg, self.token_embedder, self.prompt)
+    self.decoder = Decoder(cfg, self.token_embedder)
+
+  def encode(self, encoder_input_tokens: Array, enable_dropout: bool = False
+             ) -> Tuple[Array, Array]:
+    return self.encoder(encoder_input_tokens, enable_dropout)
+
+  def decode(self, encoded: Array, encoder_mask: Array, decoder_input_tokens: Array,
+             decoder_target_tokens: Optional[Array] = None, enable_dropout: bool = False,
+             decode: bool = False, max_decode_length: Optional[int] = None) -> Array:
+    return self.decoder(encoded, encoder_mask, decoder_input_tokens, decoder_target_tokens,
+                        enable_dropout, decode, max_decode_length)
+
+  def __call__(self, encoder_input_tokens: Array, decoder_input_tokens: Array,
+               decoder_target_tokens: Optional[Array] = None, enable_dropout: bool = False
+               ) -> Array:
+    """-> logits [b, t, v] (float32)."""
+    encoded, mask = self.encode(encoder_input_tokens, enable_dropout)
+    return self.decode(encoded, mask, decoder_input_tokens, decoder_target_tokens,
+                       enable_dropout)

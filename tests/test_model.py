@@ -1,0 +1,212 @@
+"""The Flax T5 and its prompt slot: internal consistency (parity with Hugging
+Face lives in test_hf_parity.py)."""
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from prompt_transfer import prompts
+from prompt_transfer.config import get_config
+from prompt_transfer.models import build_model, merge_prompt, split_prompt
+
+ENC = np.array([[5, 6, 7, 9, 1, 0, 0], [8, 9, 1, 0, 0, 0, 0], [4, 4, 4, 4, 4, 4, 1]], np.int32)
+TGT = np.array([[3, 4, 1], [5, 1, 0], [7, 7, 1]], np.int32)
+DIN = np.array([[0, 3, 4], [0, 5, 1], [0, 7, 7]], np.int32)
+
+
+def _cfg(variant='t5_1_1', **kw):
+  kw.setdefault('dropout_rate', 0.0)
+  return get_config(variant, 'tiny', vocab_size=64, **kw)
+
+
+@pytest.fixture(scope='module', params=['t5_1_0', 't5_1_1'])
+def plain(request):
+  model = build_model(_cfg(request.param))
+  # Larger weights than the init so decodes are not all identical.
+  params = jax.tree_util.tree_map(lambda x: x * 3.0,
+                                  model.init_params(jax.random.PRNGKey(1)))
+  return model, params
+
+
+def test_param_tree_uses_t5x_names(plain):
+  model, params = plain
+  flat = {'/'.join(k.key for k in path) for path, _ in
+          jax.tree_util.tree_flatten_with_path(params)[0]}
+  assert 'token_embedder/embedding' in flat
+  assert 'encoder/layers_0/attention/query/kernel' in flat
+  assert 'decoder/layers_1/encoder_decoder_attention/out/kernel' in flat
+  assert 'encoder/relpos_bias/rel_embedding' in flat
+  assert ('decoder/logits_dense/kernel' in flat) == (not model.config.logits_via_embedding)
+  assert ('encoder/layers_0/mlp/wi_0/kernel' in flat) == model.config.is_gated
+  axes = model.param_logical_axes()
+  assert tuple(axes['token_embedder']['embedding']) == ('vocab', 'embed')
+  assert tuple(axes['encoder']['layers_0']['mlp']['wo']['kernel']) == ('mlp', 'embed')
+
+
+def test_greedy_matches_teacher_forcing(plain):
+  """Each greedy token is the argmax of a full forward pass over the decode."""
+  model, params = plain
+  batch = {'encoder_input_tokens': ENC, 'decoder_input_tokens': np.zeros((3, 6), np.int32)}
+  tokens, scores = model.predict_batch(params, batch, return_scores=True)
+  tokens = np.asarray(tokens)
+  assert len({tuple(t) for t in tokens}) > 1, 'degenerate decodes make the test weak'
+  din = np.concatenate([np.zeros((3, 1), np.int32), tokens[:, :-1]], axis=1)
+  # No target mask: greedy may emit the pad id 0 as an ordinary token.
+  logits = model.module.apply({'params': params}, ENC, din, None)
+  argmax = np.asarray(jnp.argmax(logits, -1))
+  valid = np.cumsum(np.cumsum(tokens == 1, axis=1), axis=1) <= 1  # up to first EOS
+  np.testing.assert_array_equal(argmax[valid], tokens[valid])
+  clean = ~((tokens == 0) & valid).any(1)  # rows without an emitted pad id
+  full_scores = model.score_batch(params, {'encoder_input_tokens': ENC,
+                                           'decoder_input_tokens': din,
+                                           'decoder_target_tokens': tokens})
+  np.testing.assert_allclose(np.asarray(scores)[clean], np.asarray(full_scores)[clean],
+                             rtol=1e-4, atol=1e-4)
+
+
+def test_beam_search_scores_and_beats_greedy(plain):
+  model, params = plain
+  batch = {'encoder_input_tokens': ENC, 'decoder_input_tokens': np.zeros((3, 6), np.int32)}
+  g_tokens = np.asarray(model.predict_batch(params, batch))
+  b_tokens, b_scores = model.predict_batch(params, batch, num_decodes=4, length_penalty=0.0,
+                                           return_scores=True)
+  b_tokens = np.asarray(b_tokens)
+
+  def loglik(tokens):  # up to the first EOS; a pad id inside counts as a token
+    din = np.concatenate([np.zeros((3, 1), np.int32), tokens[:, :-1]], axis=1)
+    logp = jax.nn.log_softmax(model.module.apply({'params': params}, ENC, din, None))
+    tok = np.take_along_axis(np.asarray(logp), tokens[..., None], -1)[..., 0]
+    valid = np.cumsum(np.cumsum(tokens == 1, axis=1), axis=1) <= 1
+    return (tok * valid).sum(1)
+  # length_penalty 0: the beam score is the plain log-likelihood of the sequence.
+  np.testing.assert_allclose(b_scores, loglik(b_tokens), rtol=1e-4, atol=1e-4)
+  finished = (b_tokens == 1).any(1) & (g_tokens == 1).any(1)
+  assert np.all(loglik(b_tokens)[finished] >= loglik(g_tokens)[finished] - 1e-4)
+
+
+def test_zero_length_prompt_is_plain_t5(plain):
+  model, params = plain
+  same = build_model(model.config, prompt_length=0)
+  a = model.module.apply({'params': params}, ENC, DIN, TGT)
+  b = same.module.apply({'params': params}, ENC, DIN, TGT)
+  np.testing.assert_array_equal(a, b)
+  assert 'prompt' not in params['encoder']
+
+
+def test_prompt_prepends_and_extends_mask():
+  cfg = _cfg()
+  model = build_model(cfg, prompt_length=3)
+  params = model.init_params(jax.random.PRNGKey(0))
+  prompt = params['encoder']['prompt']['prompt']['prompt']
+  assert prompt.shape == (3, cfg.emb_dim)
+  (encoded, mask) = model.module.apply({'params': params}, ENC, method=model.module.encode)
+  assert encoded.shape == (3, 3 + ENC.shape[1], cfg.emb_dim)
+  np.testing.assert_array_equal(mask[:, :3], True)
+  np.testing.assert_array_equal(mask[:, 3:], ENC > 0)
+  # The prompt acts as 3 extra leading tokens: replacing the prompt by the
+  # embeddings of 3 real tokens gives exactly the plain model on those tokens.
+  extra = np.array([11, 12, 13])
+  emb = params['token_embedder']['embedding']
+  params_p = merge_prompt({'prompt': {'prompt': emb[extra]}}, split_prompt(params)[1])
+  plain = build_model(cfg)
+  enc_plain = np.concatenate([np.tile(extra, (3, 1)), ENC], axis=1)
+  a = model.module.apply({'params': params_p}, ENC, DIN, TGT)
+  b = plain.module.apply({'params': split_prompt(params)[1]}, enc_plain, DIN, TGT)
+  np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_gradients_reach_only_the_prompt():
+  model = build_model(_cfg(dropout_rate=0.1), prompt_length=4)
+  params = model.init_params(jax.random.PRNGKey(0))
+  prompt, frozen = split_prompt(params)
+  batch = {'encoder_input_tokens': ENC, 'decoder_input_tokens': DIN,
+           'decoder_target_tokens': TGT}
+
+  def loss(prompt, frozen):
+    return model.loss_fn(merge_prompt(prompt, frozen), batch, jax.random.PRNGKey(2))[0]
+  g_prompt = jax.grad(loss)(prompt, frozen)
+  assert float(jnp.abs(g_prompt['prompt']['prompt']).sum()) > 0
+  # Gradients are taken with respect to the prompt subtree only: nothing is
+  # computed or stored for the frozen weights.
+  assert jax.tree_util.tree_structure(g_prompt) == jax.tree_util.tree_structure(prompt)
+  g_all = jax.grad(lambda p: model.loss_fn(p, batch, None)[0])(params)
+  np.testing.assert_allclose(g_all['encoder']['prompt']['prompt']['prompt'],
+                             jax.grad(lambda q: model.loss_fn(merge_prompt(q, frozen), batch,
+                                                              None)[0])(prompt)['prompt']['prompt'],
+                             rtol=1e-5, atol=1e-7)
+
+
+def test_initialisers_give_documented_rows():
+  rng = jax.random.PRNGKey(3)
+  emb = jax.random.normal(jax.random.PRNGKey(4), (50, 8))
+  u = prompts.random_uniform(0.25)(rng, (6, 8), emb)
+  assert u.shape == (6, 8) and float(jnp.abs(u).max()) <= 0.25 and float(jnp.abs(u).max()) > 0.1
+  s = np.asarray(prompts.from_sampled_vocab(10)(rng, (6, 8), emb))
+  rows = [int(np.where(np.all(np.isclose(np.asarray(emb), r), axis=1))[0][0]) for r in s]
+  assert all(r < 10 for r in rows) and len(set(rows)) == 6  # first N ids, no repeats
+  c = np.asarray(prompts.from_class_labels([[3, 4], [7]], prompts.from_sampled_vocab(10))(
+      rng, (6, 8), emb))
+  np.testing.assert_allclose(c[0], (emb[3] + emb[4]) / 2, rtol=1e-6)
+  np.testing.assert_allclose(c[1], emb[7], rtol=1e-6)
+  np.testing.assert_allclose(c[2:], s[2:], rtol=1e-6)  # rest = the fallback's rows
+  arr = np.arange(48, dtype=np.float32).reshape(6, 8)
+  np.testing.assert_array_equal(prompts.from_array(arr)(rng, (6, 8), emb), arr)
+
+
+def test_init_prompt_reads_the_loaded_embedding():
+  cfg = _cfg()
+  frozen = build_model(cfg).init_params(jax.random.PRNGKey(0))
+  model = build_model(cfg, prompt_length=2,
+                      prompt_init=prompts.from_class_labels([[9], [10, 11]]))
+  params = model.init_prompt(jax.random.PRNGKey(1), frozen)
+  emb = frozen['token_embedder']['embedding']
+  p = params['encoder']['prompt']['prompt']['prompt']
+  np.testing.assert_allclose(p[0], emb[9], rtol=1e-6)
+  np.testing.assert_allclose(p[1], (emb[10] + emb[11]) / 2, rtol=1e-6)
+
+
+def test_prompt_file_validation(tmp_path):
+  good = tmp_path / 'encoder.prompt.prompt.prompt'
+  with open(good, 'wb') as f:
+    np.save(f, np.ones((4, 32), np.float32))
+  assert prompts.load_prompt_file(str(good), (4, 32)).shape == (4, 32)
+  with pytest.raises(prompts.PromptFileError, match=r'has shape \(4, 32\).*expects \(5, 32\)'):
+    prompts.load_prompt_file(str(good), (5, 32))
+  with pytest.raises(prompts.PromptFileError, match='does not exist'):
+    prompts.load_prompt_file(str(tmp_path / 'nope'), (4, 32))
+  bad = tmp_path / 'nan'
+  with open(bad, 'wb') as f:
+    np.save(f, np.full((4, 32), np.nan, np.float32))
+  with pytest.raises(prompts.PromptFileError, match='NaN'):
+    prompts.load_prompt_file(str(bad), (4, 32))
+
+
+def test_activation_capture_and_partial_models(plain):
+  model, params = plain
+  batch = {'encoder_input_tokens': ENC, 'decoder_input_tokens': DIN,
+           'decoder_target_tokens': TGT}
+  inter = model.capture_activations(params, batch)
+  pre = inter['decoder']['layers_0']['mlp']['pre_activation'][0]
+  assert pre.shape == (3, 3, model.config.mlp_dim)
+  first = 'wi_0' if model.config.is_gated else 'wi'
+  y = model.module.apply({'params': params}, ENC, method=model.module.encode)[0]
+  assert inter['encoder']['layers_0']['mlp']['hidden'][0].shape == (3, 7, model.config.mlp_dim)
+  del y, first
+  # A partial model: one encoder layer and half the FFN neurons, same config.
+  keep = np.arange(model.config.mlp_dim // 2)
+
+  def shrink(mlp):
+    out = {k: {'kernel': v['kernel'][:, keep]} for k, v in mlp.items() if k != 'wo'}
+    out['wo'] = {'kernel': mlp['wo']['kernel'][keep]}
+    return out
+  partial = jax.tree_util.tree_map(lambda x: x, params)
+  partial['encoder'] = {k: v for k, v in params['encoder'].items() if k != 'layers_1'}
+  partial['encoder']['layers_0'] = dict(params['encoder']['layers_0'],
+                                        mlp=shrink(params['encoder']['layers_0']['mlp']))
+  logits = model.module.apply({'params': partial}, ENC, DIN, TGT)
+  assert logits.shape == (3, 3, model.config.vocab_size) and np.all(np.isfinite(logits))
+  inter = model.capture_activations(partial, batch)
+  assert 'layers_1' not in inter['encoder']
+  assert inter['encoder']['layers_0']['mlp']['hidden'][0].shape[-1] == len(keep)
