@@ -32,6 +32,7 @@ setuptools.setup(
         'scikit-learn',
         'rouge-score',
         'matplotlib',
+        'tensorboard',
     ],
     extras_require={
         # torch's CPU build is what the parity tests compare against.

@@ -55,8 +55,9 @@ class EncoderDecoderModel:
 
   def init_params(self, rng: Array) -> Params:
     """Random parameters (float32 arrays, logical-axis boxes removed)."""
-    boxed = self.module.init(rng, *self._dummy_batch())['params']
-    return nn.unbox(boxed)
+    # One compiled program instead of hundreds of op-by-op dispatches.
+    init = jax.jit(lambda rng: nn.unbox(self.module.init(rng, *self._dummy_batch())['params']))
+    return init(rng)
 
   def param_shapes(self) -> Params:
     """Shape/dtype tree of every parameter, without allocating them."""
@@ -78,9 +79,12 @@ class EncoderDecoderModel:
     enc, dec, tgt = self._dummy_batch()
     params = dict(frozen_params)
     params['encoder'] = {k: v for k, v in params['encoder'].items() if k != 'prompt'}
-    _, variables = self.module.apply({'params': params}, enc, dec, tgt,
-                                     rngs={'params': rng}, mutable=['params'])
-    return nn.unbox(variables['params'])
+    @jax.jit
+    def init(params, rng):
+      _, variables = self.module.apply({'params': params}, enc, dec, tgt,
+                                       rngs={'params': rng}, mutable=['params'])
+      return nn.unbox(variables['params'])
+    return init(params, rng)
 
   # ---- training -------------------------------------------------------------
   def loss_fn(self, params: Params, batch: Batch, dropout_rng: Optional[Array]

@@ -1,0 +1,254 @@
+"""The `t5x` / `prompt-transfer` command line, with T5X's flags.
+
+  t5x train --gin_file=models/t5_1_1_tiny.gin --gin_file=runs/prompt_tune.gin \\
+      --gin.MODEL_DIR=\\"/tmp/run\\" --gin.MIXTURE_OR_TASK_NAME=\\"glue_sst2\\"
+
+Gin files are looked up in the current folder, in --gin_search_paths and in
+the packaged gin library (so `prompts/from_file.gin` works anywhere).
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import re
+import sys
+from typing import Callable, List, Optional, Sequence
+
+# Before JAX or TensorFlow are imported: keep TensorFlow off accelerators (it
+# only feeds data) and quiet.
+os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+
+REQUIRED_MACROS = {
+    'train': ('MODEL_DIR', 'MIXTURE_OR_TASK_NAME', 'TASK_FEATURE_LENGTHS', 'TRAIN_STEPS'),
+    'eval': ('MIXTURE_OR_TASK_NAME', 'TASK_FEATURE_LENGTHS'),
+    'infer': ('MIXTURE_OR_TASK_NAME', 'TASK_FEATURE_LENGTHS'),
+}
+MACRO_HINTS = {
+    'MODEL_DIR': '--gin.MODEL_DIR=\\"/path/to/run\\"',
+    'MIXTURE_OR_TASK_NAME': '--gin.MIXTURE_OR_TASK_NAME=\\"task_name\\" (see `t5x list-tasks`)',
+    'TASK_FEATURE_LENGTHS': "--gin.TASK_FEATURE_LENGTHS=\"{'inputs': 512, 'targets': 8}\"",
+    'TRAIN_STEPS': '--gin.TRAIN_STEPS=1000',
+    'PROMPT_FILE': '--gin.PROMPT_FILE=\\"/path/to/numpy_checkpoints/checkpoint_N/'
+                   'encoder.prompt.prompt.prompt\\"',
+    'CHECKPOINT_PATH': '--gin.CHECKPOINT_PATH=\\"/path/to/checkpoint\\"',
+}
+
+
+class UsageError(Exception):
+  """A command-line problem a person can fix; printed without a traceback."""
+
+
+def packaged_gin_dir() -> str:
+  """The gin library: the repo's gin/ in a checkout, prompt_transfer/gin installed."""
+  here = os.path.dirname(os.path.abspath(__file__))
+  for candidate in (os.path.join(os.path.dirname(here), 'gin'), os.path.join(here, 'gin')):
+    if os.path.isdir(os.path.join(candidate, 'runs')):
+      return candidate
+  try:
+    import prompt_transfer.gin as pkg  # pylint: disable=g-import-not-at-top
+    return list(pkg.__path__)[0]
+  except ImportError:
+    raise UsageError('The packaged gin library was not found; reinstall prompt-transfer.')
+
+
+def _add_common_flags(p: argparse.ArgumentParser) -> None:
+  p.add_argument('--gin_file', action='append', default=[], metavar='FILE',
+                 help='A gin file (repeatable), e.g. models/t5_1_1_base.gin, '
+                      'prompts/from_file.gin, runs/prompt_tune.gin.')
+  p.add_argument('--gin_bindings', action='append', default=[], metavar='BINDING',
+                 help="A gin binding (repeatable), e.g. \"MODEL_DIR='/tmp/run'\".")
+  p.add_argument('--gin_search_paths', default='', metavar='DIRS',
+                 help='Comma-separated folders to look for gin files in (before the '
+                      'packaged library).')
+  p.add_argument('--module_import', action='append', default=[], metavar='MODULE',
+                 help='A Python module to import first, e.g. one registering seqio tasks '
+                      '(repeatable). The bundled `tasks` catalogue is always imported.')
+  p.add_argument('--tfds_data_dir', default=None, help='TFDS data folder (same as '
+                 '--gin.TFDS_DATA_DIR).')
+
+
+def build_parser() -> argparse.ArgumentParser:
+  parser = argparse.ArgumentParser(
+      prog='t5x', description='prompt-transfer: prompt tuning and prompt transfer on frozen '
+      'T5 models, with T5X flags. Any --gin.NAME=VALUE is a gin binding NAME=VALUE, e.g. '
+      '--gin.MODEL_DIR=\\"/tmp/run\\" --gin.TRAIN_STEPS=1000.')
+  sub = parser.add_subparsers(dest='command', metavar='COMMAND')
+  helps = {
+      'train': 'Train a prompt (or a model) on a seqio task or mixture.',
+      'eval': "Evaluate a prompt with the task's metrics.",
+      'infer': 'Decode a split to JSON lines.',
+  }
+  for name, text in helps.items():
+    p = sub.add_parser(name, help=text, description=text + ' Flags as in T5X; any '
+                       '--gin.NAME=VALUE becomes the gin binding NAME=VALUE (strings need '
+                       'quotes: --gin.MODEL_DIR=\\"/tmp/run\\"). Required macros: ' +
+                       ', '.join(REQUIRED_MACROS[name]) + '.')
+    _add_common_flags(p)
+  p = sub.add_parser('list-tasks', help='List registered tasks and mixtures.')
+  p.add_argument('--module_import', action='append', default=[])
+  p.add_argument('--filter', default='', help='Only names containing this text.')
+  for name, module in EXTRA_COMMANDS.items():
+    mod = importlib.import_module(module)
+    mod.add_arguments(sub.add_parser(name, help=mod.HELP, description=mod.HELP))
+  return parser
+
+
+# Commands implemented in their method's module (added as issues land).
+EXTRA_COMMANDS = {'curves': 'prompt_transfer.curves'}
+
+
+def gin_value(text: str) -> str:
+  """A --gin.NAME value as gin source; bare paths and words become strings.
+
+  T5X needs --gin.MODEL_DIR=\\"'/x'\\"; we also accept --gin.MODEL_DIR=/x.
+  """
+  text = text.strip()
+  if re.fullmatch(r"[-+]?\d+(\.\d*)?([eE][-+]?\d+)?|True|False|None|"
+                  r"[\[\(\{@%'\"].*", text, flags=re.S):
+    return text
+  return repr(text)
+
+
+def split_gin_overrides(argv: Sequence[str]) -> tuple[list, list]:
+  """Separates --gin.NAME=VALUE flags (-> bindings) from the other arguments."""
+  rest, bindings = [], []
+  it = iter(argv)
+  for arg in it:
+    if arg.startswith('--gin.'):
+      body = arg[len('--gin.'):]
+      if '=' in body:
+        name, value = body.split('=', 1)
+      else:
+        name, value = body, next(it, '')
+      bindings.append(f'{name} = {gin_value(value)}')
+    else:
+      rest.append(arg)
+  return rest, bindings
+
+
+def parse_gin(args: argparse.Namespace, bindings: List[str], command: str) -> None:
+  import gin  # pylint: disable=g-import-not-at-top
+  from prompt_transfer import configurables  # noqa: F401  pylint: disable=g-import-not-at-top
+  paths = [os.getcwd()] + [p for p in args.gin_search_paths.split(',') if p] + [
+      packaged_gin_dir()]
+  for path in paths:
+    gin.add_config_file_search_path(path)
+  files = []
+  for f in args.gin_file:
+    found = f if os.path.exists(f) else next(
+        (os.path.join(p, f) for p in paths if os.path.exists(os.path.join(p, f))), None)
+    if found is None:
+      raise UsageError(f'gin file {f!r} not found in {paths}.')
+    files.append(found)
+  all_bindings = list(args.gin_bindings) + bindings
+  if args.tfds_data_dir:
+    all_bindings.append(f'TFDS_DATA_DIR = {args.tfds_data_dir!r}')
+  try:
+    gin.parse_config_files_and_bindings(files, all_bindings, finalize_config=False)
+  except Exception as e:  # gin raises several types; its message has file and line
+    raise UsageError(f'gin configuration error: {e}') from None
+  for macro in REQUIRED_MACROS.get(command, ()) + ('PROMPT_FILE',):
+    _check_macro(macro, required=macro != 'PROMPT_FILE')
+
+
+def _check_macro(name: str, required: bool) -> None:
+  import gin  # pylint: disable=g-import-not-at-top
+  try:
+    value = gin.query_parameter(f'%{name}')
+  except ValueError:
+    if required:
+      raise UsageError(f'{name} is not set: add {MACRO_HINTS.get(name, f"--gin.{name}=...")}.'
+                       ) from None
+    return
+  if value is gin.REQUIRED or 'REQUIRED' in repr(value):
+    raise UsageError(f'{name} is required by the gin files given: add '
+                     f'{MACRO_HINTS.get(name, f"--gin.{name}=...")}.')
+
+
+def _macro(name: str, default=None):
+  import gin  # pylint: disable=g-import-not-at-top
+  try:
+    return gin.query_parameter(f'%{name}')
+  except ValueError:
+    return default
+
+
+def import_modules(modules: Sequence[str]) -> None:
+  for name in ['tasks'] + list(modules):
+    try:
+      importlib.import_module(name)
+    except ImportError as e:
+      raise UsageError(f'--module_import={name}: cannot import it ({e}).') from None
+
+
+def _configure_tasks() -> None:
+  import tasks as tasks_lib  # pylint: disable=g-import-not-at-top
+  tfds_dir = _macro('TFDS_DATA_DIR')
+  if tfds_dir:
+    tasks_lib.set_tfds_data_dir(tfds_dir)
+  vocab = _macro('VOCABULARY_PATH')
+  if vocab and hasattr(tasks_lib, 'set_default_vocabulary'):
+    tasks_lib.set_default_vocabulary(vocab)
+
+
+def run(argv: Optional[Sequence[str]] = None) -> int:
+  argv = list(sys.argv[1:] if argv is None else argv)
+  rest, bindings = split_gin_overrides(argv)
+  parser = build_parser()
+  args = parser.parse_args(rest)
+  if not args.command:
+    parser.print_help()
+    return 2
+  if args.command == 'list-tasks':
+    import_modules(args.module_import)
+    return list_tasks(args.filter)
+  if args.command in EXTRA_COMMANDS:
+    return importlib.import_module(EXTRA_COMMANDS[args.command]).run(args, bindings)
+  import_modules(args.module_import)
+  parse_gin(args, bindings, args.command)
+  _configure_tasks()
+  import gin  # pylint: disable=g-import-not-at-top
+  from prompt_transfer import evaluation, trainer  # pylint: disable=g-import-not-at-top
+  entry: Callable = {'train': trainer.train, 'eval': evaluation.evaluate,
+                     'infer': evaluation.infer}[args.command]
+  gin.finalize()
+  entry()
+  return 0
+
+
+def list_tasks(filter_text: str = '') -> int:
+  import tasks as tasks_lib  # pylint: disable=g-import-not-at-top
+  rows = [r for r in tasks_lib.list_tasks() if filter_text in r.name]
+  width = max([len(r.name) for r in rows] + [4])
+  print(f'{"name":<{width}}  {"splits":<40}  metrics')
+  for r in rows:
+    print(f'{r.name:<{width}}  {",".join(r.splits):<40}  {",".join(r.metrics)}')
+  print(f'{len(rows)} tasks and mixtures')
+  return 0
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+  try:
+    code = run(argv)
+  except UsageError as e:
+    print(f't5x: error: {e}', file=sys.stderr)
+    code = 2
+  except Exception as e:  # errors we raise on purpose carry their own message
+    from prompt_transfer import prompts, trainer  # pylint: disable=g-import-not-at-top
+    known = (prompts.PromptFileError, trainer.TrainingError, FileNotFoundError)
+    try:
+      from prompt_transfer.checkpoint_import import CheckpointMismatchError  # pylint: disable=g-import-not-at-top
+      known += (CheckpointMismatchError,)
+    except ImportError:
+      pass
+    if isinstance(e, known) or (isinstance(e, ValueError) and 'not registered' in str(e)):
+      print(f't5x: error: {e}', file=sys.stderr)
+      code = 1
+    else:
+      raise
+  sys.exit(code)
+
+
+if __name__ == '__main__':
+  main()

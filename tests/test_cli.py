@@ -1,0 +1,137 @@
+"""The real `t5x` command on the tiny config: flags, gin library, errors,
+train -> eval -> infer, and SIGKILL-then-resume."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from prompt_transfer import cli
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PROMPT = 'encoder.prompt.prompt.prompt'
+# A short quick-start: 40 steps, checkpoints every 10.
+QUICK = ['--gin_file=runs/quickstart.gin', '--gin.TRAIN_STEPS=40', '--gin.BATCH_SIZE=16',
+         '--gin.train.checkpoint_period=10', '--gin.train.log_period=10',
+         '--gin.train.eval_period=None', '--gin.PROMPT_LENGTH=6']
+
+
+def t5x(*args, cwd=None, check=True, timeout=300):
+  proc = subprocess.run([sys.executable, '-m', 'prompt_transfer.cli', *args], cwd=cwd or ROOT,
+                        capture_output=True, text=True, timeout=timeout)
+  if check and proc.returncode != 0:
+    raise AssertionError(f'exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}')
+  return proc
+
+
+def _prompt(model_dir, step):
+  with open(os.path.join(model_dir, 'numpy_checkpoints', f'checkpoint_{step}', PROMPT), 'rb') as f:
+    return np.load(f)
+
+
+def test_gin_override_values():
+  assert cli.gin_value('/tmp/run') == "'/tmp/run'"
+  assert cli.gin_value('"/tmp/run"') == '"/tmp/run"'
+  assert cli.gin_value('100') == '100'
+  assert cli.gin_value("{'inputs': 4}") == "{'inputs': 4}"
+  rest, bindings = cli.split_gin_overrides(['train', '--gin.MODEL_DIR=/x', '--gin_file=a.gin'])
+  assert rest == ['train', '--gin_file=a.gin'] and bindings == ["MODEL_DIR = '/x'"]
+
+
+def test_gin_library_resolves_packaged_files():
+  gin_dir = cli.packaged_gin_dir()
+  for f in ('prompts/from_file.gin', 'prompts/random_uniform.gin', 'prompts/from_sampled_vocab.gin',
+            'prompts/from_class_labels.gin', 'runs/prompt_tune.gin', 'runs/model_tune.gin',
+            'runs/eval.gin', 'runs/infer.gin', 'runs/quickstart.gin', 'models/t5_1_1_xxl.gin',
+            'models/lm_adapted_base.gin', 'models/mt5_small.gin', 'models/flan_large.gin',
+            'models/t5_1_0_tiny.gin'):
+    assert os.path.exists(os.path.join(gin_dir, f)), f
+
+
+def test_help_explains_flags():
+  out = t5x('train', '--help').stdout
+  for flag in ('--gin_file', '--gin_bindings', '--gin_search_paths', '--module_import',
+               '--gin.NAME=VALUE'):
+    assert flag in out
+
+
+def test_errors_a_person_can_act_on(tmp_path):
+  # Missing PROMPT_FILE with from_file.gin: names the flag to add.
+  p = t5x('train', *QUICK, '--gin_file=prompts/from_file.gin', f'--gin.MODEL_DIR={tmp_path}/a',
+          check=False, cwd=tmp_path)
+  assert p.returncode != 0 and 'PROMPT_FILE' in p.stderr and '--gin.PROMPT_FILE' in p.stderr
+  # A gin typo names the file and the line.
+  bad = tmp_path / 'bad.gin'
+  bad.write_text("include 'runs/quickstart.gin'\ntrain.trian_steps = 3\n")
+  p = t5x('train', f'--gin_file={bad}', f'--gin.MODEL_DIR={tmp_path}/b', check=False)
+  assert p.returncode != 0 and 'bad.gin' in p.stderr and 'line 2' in p.stderr
+  assert 'Traceback' not in p.stderr
+  # An unknown task lists close names.
+  p = t5x('train', *QUICK, f'--gin.MODEL_DIR={tmp_path}/c', '--gin.MIXTURE_OR_TASK_NAME=synthetic_majority_yesn',
+          check=False)
+  assert p.returncode != 0 and 'synthetic_majority_yesno' in p.stderr
+  assert 'not registered' in p.stderr
+  # Missing MODEL_DIR.
+  p = t5x('train', '--gin_file=runs/quickstart.gin', check=False)
+  assert p.returncode != 0 and '--gin.MODEL_DIR' in p.stderr
+
+
+def test_list_tasks():
+  out = t5x('list-tasks', '--filter', 'synthetic_majority').stdout
+  assert 'synthetic_majority_yesno' in out and 'accuracy' in out
+
+
+@pytest.fixture(scope='module')
+def trained(tmp_path_factory):
+  d = str(tmp_path_factory.mktemp('cli') / 'run')
+  t5x('train', *QUICK, f'--gin.MODEL_DIR={d}')
+  return d
+
+
+def test_train_eval_infer_and_from_file(trained, tmp_path):
+  recs = [json.loads(l) for l in open(os.path.join(trained, 'metrics.jsonl'))]
+  assert [r['step'] for r in recs] == [10, 20, 30, 40]
+  assert recs[-1]['loss'] < recs[0]['loss']
+  for key in ('loss', 'learning_rate', 'examples_per_second'):
+    assert key in recs[-1]
+  assert _prompt(trained, 40).shape == (6, 32)
+  # eval and infer read the latest numpy prompt of MODEL_DIR.
+  common = ['--gin_file=models/t5_1_1_tiny.gin', '--gin.PROMPT_LENGTH=6',
+            '--gin.MIXTURE_OR_TASK_NAME=synthetic_majority_yesno',
+            "--gin.TASK_FEATURE_LENGTHS={'inputs': 64, 'targets': 4}", f'--gin.MODEL_DIR={trained}']
+  out = t5x('eval', '--gin_file=runs/eval.gin', *common).stdout
+  assert 'synthetic_majority_yesno/accuracy' in out
+  result = json.load(open(os.path.join(trained, 'eval_validation.json')))
+  assert 0.0 <= result['metrics']['synthetic_majority_yesno/accuracy'] <= 100.0
+  t5x('infer', '--gin_file=runs/infer.gin', *common)
+  lines = [json.loads(l) for l in open(os.path.join(trained, 'predictions_validation.jsonl'))]
+  assert len(lines) == 200 and {'inputs', 'targets', 'prediction'} <= set(lines[0])
+  # A second task started from the first task's prompt (SPoT transfer).
+  target = str(tmp_path / 'target')
+  src = os.path.join(trained, 'numpy_checkpoints', 'checkpoint_40', PROMPT)
+  t5x('train', *QUICK, '--gin_file=prompts/from_file.gin', f'--gin.PROMPT_FILE={src}',
+      '--gin.TRAIN_STEPS=0', '--gin.MIXTURE_OR_TASK_NAME=synthetic_majority_truefalse',
+      f'--gin.MODEL_DIR={target}')
+  np.testing.assert_array_equal(_prompt(target, 0), _prompt(trained, 40))
+
+
+def test_sigkill_and_resume_finishes_with_the_same_prompt(trained, tmp_path):
+  d = str(tmp_path / 'killed')
+  proc = subprocess.Popen([sys.executable, '-m', 'prompt_transfer.cli', 'train', *QUICK,
+                           f'--gin.MODEL_DIR={d}'], cwd=ROOT, stdout=subprocess.DEVNULL,
+                          stderr=subprocess.DEVNULL)
+  deadline = time.time() + 240
+  ckpt10 = os.path.join(d, 'numpy_checkpoints', 'checkpoint_10')
+  while not os.path.exists(ckpt10) and time.time() < deadline and proc.poll() is None:
+    time.sleep(0.05)
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  assert os.path.exists(ckpt10), 'the run never reached its first checkpoint'
+  assert not os.path.exists(os.path.join(d, 'numpy_checkpoints', 'checkpoint_40'))
+  out = t5x('train', *QUICK, f'--gin.MODEL_DIR={d}').stdout
+  assert 'resumed from' in out
+  np.testing.assert_allclose(_prompt(d, 40), _prompt(trained, 40), rtol=1e-6, atol=1e-7)

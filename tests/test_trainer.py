@@ -1,0 +1,101 @@
+"""The trainer, called directly: prompt-only updates, numpy prompt files,
+resume equality, NaN handling."""
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+
+import tasks  # noqa: F401  (registers the synthetic tasks)
+from prompt_transfer import checkpoints, prompts, trainer
+from prompt_transfer.config import get_config
+
+TASK = 'synthetic_majority_yesno'
+CONFIG = get_config('t5_1_1', 'tiny', vocab_size=384)
+PROMPT_FILE = 'encoder.prompt.prompt.prompt'
+
+
+def _train(model_dir, steps, **kw):
+  args = dict(model_dir=str(model_dir), mixture_or_task_name=TASK,
+              task_feature_lengths={'inputs': 48, 'targets': 4}, train_steps=steps,
+              batch_size=16, config=CONFIG, prompt=(6, prompts.from_sampled_vocab()),
+              checkpoint_period=10, log_period=5, seed=3)
+  args.update(kw)
+  return trainer.train(**args)
+
+
+def _prompt(model_dir, step):
+  with open(os.path.join(checkpoints.numpy_checkpoint_dir(str(model_dir), step),
+                         PROMPT_FILE), 'rb') as f:
+    return np.load(f)
+
+
+def _losses(model_dir):
+  with open(os.path.join(model_dir, 'metrics.jsonl')) as f:
+    return [json.loads(l)['loss'] for l in f]
+
+
+@pytest.fixture(scope='module')
+def straight_run(tmp_path_factory):
+  d = tmp_path_factory.mktemp('straight')
+  _train(d, 20)
+  return d
+
+
+def test_prompt_tuning_writes_google_layout_and_learns(straight_run):
+  d = str(straight_run)
+  steps = sorted(os.listdir(os.path.join(d, 'numpy_checkpoints')))
+  assert steps == ['checkpoint_0', 'checkpoint_10', 'checkpoint_20']
+  p0, p20 = _prompt(d, 0), _prompt(d, 20)
+  assert p0.shape == (6, CONFIG.emb_dim) and p0.dtype == np.float32
+  assert not np.allclose(p0, p20)
+  # Only the prompt is in the train state: the frozen model is not checkpointed.
+  files = os.listdir(checkpoints.numpy_checkpoint_dir(d, 20))
+  assert sorted(files) == [PROMPT_FILE, 'prompt_info.json']
+  info = checkpoints.load_prompt_info(os.path.join(checkpoints.numpy_checkpoint_dir(d, 20),
+                                                   PROMPT_FILE))
+  assert info.task == TASK and info.step == 20 and info.prompt_length == 6
+  assert info.model['emb_dim'] == CONFIG.emb_dim
+  losses = _losses(d)
+  assert len(losses) == 4 and losses[-1] < losses[0]
+  assert os.path.exists(os.path.join(d, 'config.gin'))
+  assert any(f.startswith('events') for f in os.listdir(os.path.join(d, 'train')))
+
+
+def test_resume_gives_the_same_prompt_as_a_straight_run(straight_run, tmp_path):
+  _train(tmp_path, 10)
+  _train(tmp_path, 20)  # resumes from step 10, sees batches 10..19
+  np.testing.assert_allclose(_prompt(tmp_path, 20), _prompt(straight_run, 20), rtol=1e-6,
+                             atol=1e-7)
+  assert [json.loads(l)['step'] for l in open(tmp_path / 'metrics.jsonl')] == [5, 10, 15, 20]
+
+
+def test_zero_steps_writes_the_initial_prompt(tmp_path):
+  init = np.random.RandomState(0).randn(6, CONFIG.emb_dim).astype(np.float32)
+  _train(tmp_path, 0, prompt=(6, prompts.from_array(init)))
+  np.testing.assert_array_equal(_prompt(tmp_path, 0), init)
+
+
+def test_from_file_prompt_of_wrong_shape_is_refused_before_training(tmp_path):
+  bad = tmp_path / 'prompt'
+  with open(bad, 'wb') as f:
+    np.save(f, np.zeros((5, 7), np.float32))
+  with pytest.raises(prompts.PromptFileError, match=r'shape \(5, 7\).*expects \(6, 32\)'):
+    _train(tmp_path / 'run', 5, prompt=(6, prompts.from_file(str(bad))))
+  assert not os.path.exists(tmp_path / 'run' / 'numpy_checkpoints')
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
+  # A NaN learning rate poisons the prompt after the first update.
+  with pytest.raises(trainer.TrainingError, match='Loss is nan at step 5'):
+    _train(tmp_path, 10, learning_rate=float('nan'))
+  assert checkpoints.latest_numpy_step(str(tmp_path)) == 0
+
+
+def test_model_tuning_trains_everything(tmp_path):
+  out = _train(tmp_path, 5, prompt=(0, None), trainable_params='.*', checkpoint_period=5,
+               learning_rate=1e-3, optimizer=None)
+  assert np.isfinite(out['loss'])
+  files = os.listdir(checkpoints.numpy_checkpoint_dir(str(tmp_path), 5))
+  assert 'token_embedder.embedding' in files and 'decoder.layers_0.mlp.wo.kernel' in files
