@@ -66,6 +66,12 @@ def _add_common_flags(p: argparse.ArgumentParser) -> None:
                       '(repeatable). The bundled `tasks` catalogue is always imported.')
   p.add_argument('--tfds_data_dir', default=None, help='TFDS data folder (same as '
                  '--gin.TFDS_DATA_DIR).')
+  g = p.add_argument_group('multi-process (JAX distributed runtime; automatic on Cloud TPU)')
+  g.add_argument('--multiprocess_gpu', action='store_true',
+                 help='Start the distributed runtime for a GPU cluster (T5X flag).')
+  g.add_argument('--coordinator_address', default=None, help='host:port of process 0.')
+  g.add_argument('--process_count', type=int, default=None, help='Number of processes.')
+  g.add_argument('--process_index', type=int, default=None, help='This process (0-based).')
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -95,7 +101,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # Commands implemented in their method's module (added as issues land).
-EXTRA_COMMANDS = {'curves': 'prompt_transfer.curves'}
+EXTRA_COMMANDS = {'curves': 'prompt_transfer.curves',
+                  'similarity': 'prompt_transfer.transfer_cli',
+                  'transfer-matrix': 'prompt_transfer.transfer_cli'}
 
 
 def gin_value(text: str) -> str:
@@ -205,6 +213,13 @@ def run(argv: Optional[Sequence[str]] = None) -> int:
     return list_tasks(args.filter)
   if args.command in EXTRA_COMMANDS:
     return importlib.import_module(EXTRA_COMMANDS[args.command]).run(args, bindings)
+  if args.coordinator_address or args.multiprocess_gpu or args.process_count:
+    from prompt_transfer import partitioning  # pylint: disable=g-import-not-at-top
+    partitioning.initialize_distributed(args.coordinator_address, args.process_count,
+                                        args.process_index)
+  else:
+    from prompt_transfer import partitioning  # pylint: disable=g-import-not-at-top
+    partitioning.initialize_distributed()  # Cloud TPU: discovered automatically
   import_modules(args.module_import)
   parse_gin(args, bindings, args.command)
   _configure_tasks()

@@ -22,10 +22,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import flax.linen as nn
 from flax import traverse_util
 
 from prompt_transfer import checkpoints as ckpt_lib
 from prompt_transfer import evaluation
+from prompt_transfer import partitioning
 from prompt_transfer import prompts as prompts_lib
 from prompt_transfer.config import T5Config, get_config
 from prompt_transfer.models import EncoderDecoderModel, Params, build_model
@@ -136,21 +138,37 @@ def get_task(name: str) -> Any:
 
 
 def train_dataset(task_name: str, task_feature_lengths: Mapping[str, int], batch_size: int,
-                  seed: int, start_step: int, split: str = 'train') -> Any:
-  """Batches of encoder-decoder features, in a fixed order from `seed`.
+                  seed: int, start_step: int, split: str = 'train',
+                  host_data_sharding: str = 'seqio') -> Any:
+  """This host's rows of each global batch, in a fixed order from `seed`.
 
   Resuming at step n skips the n batches already seen, so a resumed run trains
   on exactly the batches an uninterrupted one would.
+  host_data_sharding: 'seqio' (T5X's way: each host reads its own shard of the
+  data) or 'slice' (every host reads the whole stream and keeps its rows of
+  each global batch: the batches do not depend on the number of hosts, at the
+  cost of reading everything everywhere).
   """
   import seqio  # pylint: disable=g-import-not-at-top
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  shard = seqio.ShardInfo(index=jax.process_index(), num_shards=jax.process_count())
+  n_hosts, host = jax.process_count(), jax.process_index()
+  if batch_size % n_hosts:
+    raise TrainingError(f'BATCH_SIZE={batch_size} is not divisible by {n_hosts} processes.')
+  per_host = batch_size // n_hosts
+  if host_data_sharding not in ('seqio', 'slice'):
+    raise ValueError(f"host_data_sharding must be 'seqio' or 'slice', got {host_data_sharding!r}")
+  seqio_shard = host_data_sharding == 'seqio'
   ds = seqio.get_dataset(
       task_name, task_feature_lengths, dataset_split=split, shuffle=True, num_epochs=None,
-      shard_info=shard, seed=seed, use_cached=False,
-      feature_converter=seqio.EncDecFeatureConverter(pack=False))
-  per_host = batch_size // jax.process_count()
-  ds = ds.batch(per_host, drop_remainder=True).skip(start_step)
+      shard_info=seqio.ShardInfo(index=host if seqio_shard else 0,
+                                 num_shards=n_hosts if seqio_shard else 1),
+      seed=seed, use_cached=False, feature_converter=seqio.EncDecFeatureConverter(pack=False))
+  if seqio_shard:
+    ds = ds.batch(per_host, drop_remainder=True)
+  else:
+    ds = ds.batch(batch_size, drop_remainder=True).map(
+        lambda b: {k: v[host * per_host:(host + 1) * per_host] for k, v in b.items()})
+  ds = ds.skip(start_step)
   return ds.prefetch(tf.data.AUTOTUNE).as_numpy_iterator()
 
 
@@ -190,6 +208,12 @@ class MetricsWriter:
       self._tb.flush()
 
 
+def log(message: str) -> None:
+  """Progress lines from process 0 only (the others would repeat them)."""
+  if jax.process_index() == 0:
+    print(f'[prompt-transfer] {message}')
+
+
 def _progress(step: int, total: int, loss: float, lr: float, ex_per_s: float,
               elapsed: float, start_step: int) -> str:
   done = step - start_step
@@ -225,6 +249,9 @@ def train(
     seed: int = 0,
     model_seed: int = 0,
     use_dropout: bool = True,
+    num_partitions: int = 1,
+    mesh_shape: Optional[Tuple[int, int]] = None,
+    host_data_sharding: str = 'seqio',
     model_override: Optional[EncoderDecoderModel] = None,
 ) -> dict:
   """Trains the prompt (or any parameters matching `trainable_params`).
@@ -263,37 +290,56 @@ def train(
   trainable, frozen = partition_params(params, trainable_params)
   n_train = sum(np.size(x) for x in jax.tree_util.tree_leaves(trainable))
   n_all = sum(np.size(x) for x in jax.tree_util.tree_leaves(params))
-  print(f'[prompt-transfer] model {config.name}: {n_all:,} parameters, '
-        f'{n_train:,} trainable ({trainable_params})', flush=True)
+  log(f'model {config.name}: {n_all:,} parameters, '
+        f'{n_train:,} trainable ({trainable_params})')
   del params
+
+  # Partitioning: frozen weights split over 'model' by their logical axes,
+  # the trainable prompt (and its optimizer state) replicated, batches over 'data'.
+  mesh = partitioning.make_mesh(num_partitions, mesh_shape)
+  axes = model.param_logical_axes()
+  train_axes, frozen_axes = partition_params(axes, trainable_params)
+  frozen_sharding = partitioning.logical_shardings(mesh, frozen_axes)
+  frozen = partitioning.put(frozen, frozen_sharding)
+  trainable_sharding = partitioning.logical_shardings(mesh, train_axes)
+  trainable = partitioning.put(trainable, trainable_sharding)
+  log(f'mesh {dict(mesh.shape)} over {jax.device_count()} devices, '
+        f'{jax.process_count()} process(es)')
 
   # Optimizer: state only for the trainable subtree.
   tx = optimizer or optax.adafactor(learning_rate=learning_rate, decay_rate=0.8,
                                     multiply_by_parameter_scale=False,
                                     weight_decay_rate=1e-5, clipping_threshold=1.0)
   lr_fn = learning_rate if callable(learning_rate) else (lambda step: learning_rate)
-  state = {'step': jnp.array(0, jnp.int32), 'trainable': trainable,
-           'opt_state': tx.init(trainable)}
+  replicated = partitioning.replicated(mesh)
+  opt_state = tx.init(trainable)
+  # Optimizer slots follow their parameter's sharding when shaped like it
+  # (Adafactor's factored rows/columns and scalars are replicated).
+  state_sharding = {'step': replicated, 'trainable': trainable_sharding,
+                    'opt_state': jax.tree_util.tree_map(lambda _: replicated, opt_state)}
+  state = partitioning.put({'step': np.zeros((), np.int32), 'trainable': trainable,
+                            'opt_state': opt_state}, state_sharding)
 
   # Restore: the train state of the last complete checkpoint.
   checkpointer = ckpt_lib.TrainStateCheckpointer(model_dir, keep_checkpoints)
   start_step = checkpointer.latest_step() or 0
   if start_step:
     state = checkpointer.restore(start_step, state)
-    print(f'[prompt-transfer] resumed from {checkpointer.directory}/{start_step}', flush=True)
+    log(f'resumed from {checkpointer.directory}/{start_step}')
   metrics_writer = MetricsWriter(model_dir, start_step)
   info = ckpt_lib.PromptInfo(task=mixture_or_task_name, model=config.describe(),
                              vocabulary=_describe_vocab(vocab), prompt_length=prompt_length)
 
   def save(step: int, state: dict, metrics: Optional[dict] = None) -> None:
-    if not all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree_util.tree_leaves(
-        state['trainable'])):
+    # Every process gathers (collective); process 0 writes the numpy files.
+    host_trainable = jax.tree_util.tree_map(partitioning.to_host, state['trainable'])
+    if not all(np.all(np.isfinite(x)) for x in jax.tree_util.tree_leaves(host_trainable)):
       raise TrainingError(f'Trainable parameters are not finite at step {step}; '
                           'not saving. The last good checkpoint is kept.')
     if checkpointer.latest_step() != step:
       checkpointer.save(step, state)
     info.step, info.metrics = step, dict(metrics or {})
-    ckpt_lib.save_numpy_prompt(model_dir, step, state['trainable'], info)
+    ckpt_lib.save_numpy_prompt(model_dir, step, host_trainable, info)
 
   # A run killed between the orbax and the numpy write left no numpy file.
   if start_step and ckpt_lib.latest_numpy_step(model_dir) != start_step:
@@ -312,7 +358,10 @@ def train(
     metrics['grad_norm'] = optax.tree.norm(grads)
     return {'step': state['step'] + 1, 'trainable': trainable, 'opt_state': opt_state}, metrics
   # Donating the state lets XLA update the prompt and its slots in place.
-  p_train_step = jax.jit(train_step, donate_argnums=(0,))
+  p_train_step = jax.jit(
+      train_step, in_shardings=(state_sharding, frozen_sharding,
+                                partitioning.batch_sharding(mesh), replicated),
+      out_shardings=(state_sharding, replicated), donate_argnums=(0,))
 
   evaluator = None
   if eval_period:
@@ -325,24 +374,25 @@ def train(
     full = merge_params(state['trainable'], frozen)
     results = evaluation.run_evaluation(evaluator, model, full,
                                         eval_batch_size or batch_size, step)
-    print(f'[prompt-transfer] eval at step {step}: '
-          + ', '.join(f'{k} {v:.4g}' for k, v in sorted(results.items())), flush=True)
+    log(f'eval at step {step}: '
+          + ', '.join(f'{k} {v:.4g}' for k, v in sorted(results.items())))
     return {f'eval/{k}': v for k, v in results.items()}
 
   last: dict = {}
   if start_step < train_steps:
     batches = train_dataset(mixture_or_task_name, task_feature_lengths, batch_size, seed,
-                            start_step)
+                            start_step, host_data_sharding=host_data_sharding)
     t0 = t_log = time.time()
     examples_since_log = 0
     for step in range(start_step, train_steps):
       batch = next(batches)
-      batch = {k: batch[k] for k in evaluation.MODEL_KEYS}
-      state, metrics = p_train_step(state, frozen, batch, jax.random.fold_in(rng, step))
+      batch = partitioning.global_batch({k: batch[k] for k in evaluation.MODEL_KEYS}, mesh)
+      with partitioning.mesh_context(mesh):
+        state, metrics = p_train_step(state, frozen, batch, jax.random.fold_in(rng, step))
       examples_since_log += batch_size
       done = step + 1
       if done % log_period == 0 or done == train_steps or done % checkpoint_period == 0:
-        metrics = jax.device_get(metrics)
+        metrics = jax.tree_util.tree_map(partitioning.to_host, metrics)
         loss = float(metrics['loss'])
         if not math.isfinite(loss):
           raise TrainingError(
@@ -355,8 +405,8 @@ def train(
         last = {'loss': loss, 'learning_rate': float(lr_fn(done)),
                 'examples_per_second': ex_per_s, 'elapsed_seconds': now - t0,
                 **{k: float(v) for k, v in metrics.items() if k != 'loss'}}
-        print('[prompt-transfer] ' + _progress(done, train_steps, loss, last['learning_rate'],
-                                               ex_per_s, now - t0, start_step), flush=True)
+        log(_progress(done, train_steps, loss, last['learning_rate'],
+                                               ex_per_s, now - t0, start_step))
         if eval_period and (done % eval_period == 0 or done == train_steps):
           last.update(evaluate(done))
         metrics_writer.write(done, last)

@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# Runs N `t5x` processes on this machine as one JAX distributed job (what the
+# multi-process tests use; also handy to try multi-host code on a laptop).
+#
+#   launch/local.sh N [--dry-run] [--port P] -- t5x-args...
+#   launch/local.sh 2 -- train --gin_file=runs/quickstart.gin --gin.MODEL_DIR=\"/tmp/r\"
+#
+# Process i gets --coordinator_address=localhost:P --process_count=N
+# --process_index=i. CPU processes talk through gloo collectives. Exits non-zero
+# if any process fails; Ctrl-C or a failure stops them all.
+set -euo pipefail
+
+usage() { sed -n '2,10p' "$0" | sed 's/^# \{0,1\}//'; }
+if [[ $# -lt 1 || "$1" == "-h" || "$1" == "--help" ]]; then usage; exit 0; fi
+N="$1"; shift
+DRY=0; PORT="${PORT:-}"
+while [[ $# -gt 0 ]]; do
+  case "$1" in
+    --dry-run) DRY=1; shift ;;
+    --port) PORT="$2"; shift 2 ;;
+    --) shift; break ;;
+    *) break ;;
+  esac
+done
+if ! [[ "$N" =~ ^[1-9][0-9]*$ ]]; then echo "local.sh: N must be a positive integer, got '$N'" >&2; exit 2; fi
+if [[ -z "$PORT" ]]; then
+  PORT=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+fi
+T5X="${T5X:-t5x}"
+
+cmds=()
+for ((i = 0; i < N; i++)); do
+  cmds+=("$T5X $* --coordinator_address=localhost:$PORT --process_count=$N --process_index=$i")
+done
+if [[ $DRY -eq 1 ]]; then printf '%s\n' "${cmds[@]}"; exit 0; fi
+
+pids=()
+cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; }
+trap cleanup INT TERM
+for ((i = 0; i < N; i++)); do
+  $T5X "$@" --coordinator_address="localhost:$PORT" --process_count="$N" --process_index="$i" &
+  pids+=($!)
+done
+status=0
+for p in "${pids[@]}"; do
+  if ! wait "$p"; then status=1; cleanup; fi
+done
+exit $status
