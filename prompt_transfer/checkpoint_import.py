@@ -385,7 +385,9 @@ def _hf_config(path: str) -> T5Config:
       mlp_dim=int(get('d_ff')),
       mlp_activations=_HF_ACTIVATIONS[proj],
       dropout_rate=float(get('dropout_rate', 0.1)),
-      logits_via_embedding=bool(get('tie_word_embeddings', True)),
+      # Provisional: read_hf_checkpoint settles the head from the tensors too.
+      logits_via_embedding=bool(get('tie_word_embeddings', True)) and bool(
+          get('scale_decoder_outputs', True)),
       relative_attention_num_buckets=int(get('relative_attention_num_buckets', 32)),
       relative_attention_max_distance=int(get('relative_attention_max_distance', 128)),
       layer_norm_epsilon=float(get('layer_norm_epsilon', 1e-6)),
@@ -471,11 +473,15 @@ def read_hf_checkpoint(path: PathLike, dtype: Any = np.float32) -> Tuple[T5Confi
   if not os.path.isdir(path):
     raise FileNotFoundError(f'{path}: not a Hugging Face checkpoint directory.')
   config = _hf_config(path)
-  names = hf_name_map(config)
-  # Duplicates of shared.weight that some exports keep.
-  aliases = {'encoder.embed_tokens.weight', 'decoder.embed_tokens.weight'}
-  if config.logits_via_embedding:
-    aliases.add('lm_head.weight')
+  with open(os.path.join(path, HF_CONFIG)) as f:
+    hf_json = json.load(f)
+  tied = bool(hf_json.get('tie_word_embeddings', True))
+  # transformers >= 5 writes tie_word_embeddings=true for T5 1.1 too and says
+  # with scale_decoder_outputs whether the head rescales by d_model**-0.5.
+  scaled = bool(hf_json.get('scale_decoder_outputs', tied))
+  names = hf_name_map(config.replace(logits_via_embedding=True))
+  # Duplicates of shared.weight that some exports keep; lm_head is settled below.
+  aliases = {'encoder.embed_tokens.weight', 'decoder.embed_tokens.weight', 'lm_head.weight'}
 
   flat: Dict[str, np.ndarray] = {}
   labels: Dict[str, str] = {}
@@ -490,8 +496,7 @@ def read_hf_checkpoint(path: PathLike, dtype: Any = np.float32) -> Tuple[T5Confi
                            f'and {file_name}.')
         seen[hf_name] = file_name
         if hf_name in aliases:
-          if hf_name.endswith('embed_tokens.weight'):
-            spare[hf_name] = (f.get_tensor(hf_name), file_name)
+          spare[hf_name] = (f.get_tensor(hf_name), file_name)
           continue
         if hf_name not in names:
           unexpected.append((f'{file_name}: {hf_name}', tuple(f.get_slice(hf_name).get_shape())))
@@ -509,6 +514,24 @@ def read_hf_checkpoint(path: PathLike, dtype: Any = np.float32) -> Tuple[T5Confi
         flat['token_embedder/embedding'] = _cast(arr, dtype)
         labels['token_embedder/embedding'] = f'{file_name}: {hf_name}'
         break
+  # The output layer: T5 1.0 attends to the embedding scaled by d_model**-0.5
+  # (logits_via_embedding); T5 1.1 has its own lm_head, and an unscaled tied
+  # head is the embedding copied into logits_dense.
+  head = spare.get('lm_head.weight')
+  emb = flat.get('token_embedder/embedding')
+  if head is not None and (not tied or emb is None or head[0].shape != emb.shape or
+                           not np.array_equal(_cast(head[0], dtype), emb)):
+    config = config.replace(logits_via_embedding=False)
+    flat['decoder/logits_dense/kernel'] = np.ascontiguousarray(_cast(head[0], dtype).T)
+    labels['decoder/logits_dense/kernel'] = f'{head[1]}: lm_head.weight'
+  elif tied and not scaled and emb is not None:
+    config = config.replace(logits_via_embedding=False)
+    flat['decoder/logits_dense/kernel'] = np.ascontiguousarray(emb.T)
+    labels['decoder/logits_dense/kernel'] = 'shared.weight (unscaled tied head)'
+  elif not tied:
+    names = hf_name_map(config.replace(logits_via_embedding=False))
+  else:
+    config = config.replace(logits_via_embedding=True)
   files = ', '.join(sorted(set(seen.values()))) or HF_WEIGHTS
   t5x_to_hf = {t: h for h, (t, _) in names.items()}
   missing = [(f'{t5x_to_hf[n]} (-> {n})', None) for n in sorted(t5x_to_hf) if n not in flat]
