@@ -99,3 +99,42 @@ def test_model_tuning_trains_everything(tmp_path):
   assert np.isfinite(out['loss'])
   files = os.listdir(checkpoints.numpy_checkpoint_dir(str(tmp_path), 5))
   assert 'token_embedder.embedding' in files and 'decoder.layers_0.mlp.wo.kernel' in files
+
+
+def test_checkpoint_for_another_model_is_refused(tmp_path):
+  from prompt_transfer.checkpoint_import import CheckpointMismatchError
+  fixture = os.path.join(os.path.dirname(__file__), 'fixtures', 'hf_t5_1_0_tiny')
+  with pytest.raises(CheckpointMismatchError) as e:
+    _train(tmp_path, 5, checkpoint_path=fixture)
+  msg = str(e.value)
+  assert 'hf_t5_1_0_tiny' in msg and 'token_embedder/embedding' in msg
+  assert '(384, 32)' in msg  # what the configured model expects
+
+
+SHARED = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(
+    os.path.abspath(__file__)))), 'shared', 'data', 'google_prompt_tuning', 'test_data')
+
+
+@pytest.mark.skipif(not os.path.isdir(SHARED), reason='../shared/data (real T5X checkpoint and '
+                    'T5 vocabulary) is not present beside the checkout')
+def test_prompt_tuning_on_a_real_t5x_checkpoint(tmp_path):
+  """Google's T5X-written tiny T5 1.1 + the real T5 SentencePiece vocabulary."""
+  import tasks as tasks_lib
+  tasks_lib.set_default_vocabulary(os.path.join(SHARED, 't5_vocab'))
+  try:
+    config = get_config('t5_1_1', 'tiny', emb_dim=4, num_heads=2, head_dim=2, mlp_dim=8,
+                        relative_attention_num_buckets=4, relative_attention_max_distance=8,
+                        dropout_rate=0.0)
+    out = _train(tmp_path, 6, config=config, mixture_or_task_name='synthetic_majority_yesno_t5',
+                 checkpoint_path=os.path.join(SHARED, 'test_t5_1_1_tiny', 'checkpoint_3'),
+                 prompt=(3, prompts.from_sampled_vocab()), checkpoint_period=6,
+                 task_feature_lengths={'inputs': 32, 'targets': 4})
+  finally:
+    tasks_lib.set_default_vocabulary(None)
+  assert np.isfinite(out['loss'])
+  p = _prompt(tmp_path, 6)
+  assert p.shape == (3, 4)
+  # Sampled-vocab init: checkpoint_0 rows are rows of the real embedding table.
+  emb = np.load(os.path.join(SHARED, 'tiny_embeddings_32128x4.npy'))
+  p0 = _prompt(tmp_path, 0)
+  assert all(np.any(np.all(np.isclose(emb[:5000], row), axis=1)) for row in p0)
