@@ -13,6 +13,7 @@ setuptools.setup(
     # prompt_transfer/gin so `--gin_file=prompts/from_file.gin` resolves anywhere.
     package_dir={'prompt_transfer.gin': 'gin'},
     package_data={'prompt_transfer.gin': ['*.gin', '*/*.gin', '*/*/*.gin'],
+                  'prompt_transfer': ['assets/*/*'],
                   'tasks': ['data/*', 'data/*/*']},
     install_requires=[
         'jax>=0.4.30',

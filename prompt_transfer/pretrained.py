@@ -11,6 +11,30 @@ from prompt_transfer.config import T5Config
 from prompt_transfer.models import EncoderDecoderModel, Params, build_model
 
 
+# Checkpoints shipped inside the package (the quick-start's tiny model).
+PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
+PKG_PREFIX = 'pkg://'
+
+
+def resolve_checkpoint_path(path: str) -> str:
+  """Where a checkpoint path points; packaged assets resolve inside the package.
+
+  'pkg://assets/t5_1_1_tiny_synthetic' is relative to the installed
+  prompt_transfer package, so gin files can name shipped checkpoints on any
+  machine. A relative path that does not exist from the current folder is
+  also looked up under the package and its assets/ folder. Other paths are
+  returned as given (with ~ expanded).
+  """
+  path = os.path.expanduser(os.fspath(path))
+  if path.startswith(PKG_PREFIX):
+    return os.path.join(PACKAGE_DIR, path[len(PKG_PREFIX):])
+  if not os.path.isabs(path) and not os.path.exists(path):
+    for root in (PACKAGE_DIR, os.path.join(PACKAGE_DIR, 'assets')):
+      if os.path.exists(os.path.join(root, path)):
+        return os.path.join(root, path)
+  return path
+
+
 def detect_format(path: str) -> str:
   """'hf' for a Hugging Face directory, 't5x' for a native T5X checkpoint."""
   path = os.fspath(path)
@@ -37,6 +61,7 @@ def load_pretrained(path: str, prompt_length: int = 0, config: Optional[T5Config
   `model.init_prompt(rng, params)`.
   """
   from prompt_transfer import checkpoint_import  # pylint: disable=g-import-not-at-top
+  path = resolve_checkpoint_path(path)
   fmt = detect_format(path)
   if fmt == 'hf':
     read_config, params = checkpoint_import.read_hf_checkpoint(path)
