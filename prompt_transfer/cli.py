@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import logging
 import os
 import re
 import sys
@@ -152,10 +153,17 @@ def parse_gin(args: argparse.Namespace, bindings: List[str], command: str) -> No
   all_bindings = list(args.gin_bindings) + bindings
   if args.tfds_data_dir:
     all_bindings.append(f'TFDS_DATA_DIR = {args.tfds_data_dir!r}')
+  # gin logs an ERROR for every search path an include is not in; only the
+  # final failure matters, and it is raised below.
+  root = logging.getLogger()
+  level = root.level
+  root.setLevel(logging.CRITICAL)
   try:
     gin.parse_config_files_and_bindings(files, all_bindings, finalize_config=False)
   except Exception as e:  # gin raises several types; its message has file and line
     raise UsageError(f'gin configuration error: {e}') from None
+  finally:
+    root.setLevel(level)
   for macro in REQUIRED_MACROS.get(command, ()) + ('PROMPT_FILE',):
     _check_macro(macro, required=macro != 'PROMPT_FILE')
 

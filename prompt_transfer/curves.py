@@ -30,14 +30,17 @@ def read_metrics(run_dir: str) -> list:
 def summarize(run_dirs: Sequence[str]) -> list:
   rows = []
   for d in run_dirs:
-    recs = read_metrics(d)
-    evals = [r for r in recs if any(k.startswith('eval/') for k in r)]
+    all_recs = read_metrics(d)
+    recs = [r for r in all_recs if 'loss' in r]
+    evals = [r for r in all_recs if any(k.startswith('eval/') for k in r)]
     rows.append({
         'run': d,
         'steps': recs[-1]['step'] if recs else 0,
         'first_loss': recs[0]['loss'] if recs else float('nan'),
         'last_loss': recs[-1]['loss'] if recs else float('nan'),
         'eval': {k: v for k, v in (evals[-1] if evals else {}).items() if k.startswith('eval/')},
+        'eval_at_start': {k: v for k, v in (evals[0] if evals and evals[0]['step'] == 0
+                                             else {}).items() if k.startswith('eval/')},
         'wall_seconds': recs[-1].get('elapsed_seconds') if recs else None,
     })
   return rows
@@ -49,7 +52,7 @@ def plot(run_dirs: Sequence[str], path: str) -> None:
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
   fig, ax = plt.subplots(figsize=(7, 4))
   for d in run_dirs:
-    recs = read_metrics(d)
+    recs = [r for r in read_metrics(d) if 'loss' in r]
     ax.plot([r['step'] for r in recs], [r['loss'] for r in recs], label=os.path.basename(
         os.path.normpath(d)))
   ax.set_xlabel('step')
@@ -65,11 +68,13 @@ def run(args: argparse.Namespace, gin_bindings: Sequence[str]) -> int:
   del gin_bindings
   rows = summarize(args.run_dirs)
   width = max(len(r['run']) for r in rows)
-  print(f'{"run":<{width}}  {"steps":>6}  {"first loss":>10}  {"last loss":>10}  eval')
+  print(f'{"run":<{width}}  {"steps":>6}  {"first loss":>10}  {"last loss":>10}  '
+        'eval at start -> at end')
   for r in rows:
+    start = ', '.join(f'{k[5:]} {v:.4g}' for k, v in sorted(r['eval_at_start'].items()))
     ev = ', '.join(f'{k[5:]} {v:.4g}' for k, v in sorted(r['eval'].items()))
     print(f'{r["run"]:<{width}}  {r["steps"]:>6}  {r["first_loss"]:>10.4f}  '
-          f'{r["last_loss"]:>10.4f}  {ev}')
+          f'{r["last_loss"]:>10.4f}  {start or "-"} -> {ev or "-"}')
   if args.json:
     with open(args.json, 'w') as f:
       json.dump(rows, f, indent=1)

@@ -245,6 +245,7 @@ def train(
     eval_split: str = 'validation',
     eval_num_examples: Optional[int] = None,
     eval_batch_size: Optional[int] = None,
+    eval_at_start: bool = False,
     log_period: int = 10,
     seed: int = 0,
     model_seed: int = 0,
@@ -379,6 +380,8 @@ def train(
     return {f'eval/{k}': v for k, v in results.items()}
 
   last: dict = {}
+  if eval_at_start and evaluator is not None and start_step == 0 and train_steps > 0:
+    metrics_writer.write(0, evaluate(0))  # how good the initial prompt already is
   if start_step < train_steps:
     batches = train_dataset(mixture_or_task_name, task_feature_lengths, batch_size, seed,
                             start_step, host_data_sharding=host_data_sharding)

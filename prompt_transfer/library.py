@@ -1,0 +1,194 @@
+"""A prompt library: a folder (or list) of trained prompts and their sidecars.
+
+Accepted entries, in any mix:
+* a training run folder `MODEL_DIR` (its latest, or a given, numpy
+  checkpoint: `MODEL_DIR/numpy_checkpoints/checkpoint_STEP/encoder.prompt.prompt.prompt`);
+* a numpy checkpoint folder `.../checkpoint_STEP/`;
+* a prompt file: our trainer's `encoder.prompt.prompt.prompt` (next to its
+  `prompt_info.json`) or a bare `.npy` such as Google's pretrained prompts;
+* a folder holding any of the above (searched recursively).
+
+A prompt's name is the task in its `prompt_info.json`, else the run folder's
+name (a sidecar-less numpy checkpoint), else the file stem (`sst2.npy` ->
+`sst2`). Two prompts of one name get `@<run folder>` appended.
+"""
+from __future__ import annotations
+
+import os
+import re
+from typing import Any, Iterable, Mapping, Optional, Union
+
+import numpy as np
+
+from prompt_transfer import checkpoints as ckpt_lib
+from prompt_transfer import prompts as prompts_lib
+from prompt_transfer.checkpoints import PromptInfo
+
+PROMPT_FILE = 'encoder.prompt.prompt.prompt'
+PathLike = Union[str, os.PathLike]
+# Model fields that must agree for a prompt to be meaningful on a model.
+MODEL_FIELDS = ('emb_dim', 'vocab_size', 'num_heads', 'head_dim', 'mlp_dim',
+                'num_encoder_layers', 'num_decoder_layers', 'mlp_activations')
+
+
+class IncompatiblePromptError(ValueError):
+  """A prompt trained for a model of other dimensions or vocabulary."""
+
+
+def _as_list(paths_or_dir: Union[PathLike, Iterable[PathLike]]) -> list:
+  if isinstance(paths_or_dir, (str, os.PathLike)):
+    return [os.fspath(paths_or_dir)]
+  return [os.fspath(p) for p in paths_or_dir]
+
+
+def _checkpoint_file(model_dir: str, step: Optional[int]) -> Optional[str]:
+  step = ckpt_lib.latest_numpy_step(model_dir) if step is None else step
+  if step is None:
+    return None
+  path = os.path.join(ckpt_lib.numpy_checkpoint_dir(model_dir, step), PROMPT_FILE)
+  return path if os.path.exists(path) else None
+
+
+def _files_in(path: str, step: Optional[int]) -> list:
+  """Prompt files under one path (see the module docstring)."""
+  if os.path.isfile(path):
+    return [path]
+  if not os.path.isdir(path):
+    raise FileNotFoundError(f'Prompt library entry {path!r} does not exist.')
+  if os.path.isdir(os.path.join(path, ckpt_lib.NUMPY_DIR)):
+    found = _checkpoint_file(path, step)
+    if found is None:
+      raise FileNotFoundError(f'{path} has no numpy prompt checkpoint'
+                              f'{"" if step is None else f" at step {step}"}.')
+    return [found]
+  if os.path.isfile(os.path.join(path, PROMPT_FILE)):
+    return [os.path.join(path, PROMPT_FILE)]
+  out = []
+  for name in sorted(os.listdir(path)):
+    full = os.path.join(path, name)
+    if os.path.isdir(full) and not name.startswith('.'):
+      # Sub-folders without any prompt (logs, TensorBoard) are skipped.
+      try:
+        out.extend(_files_in(full, step))
+      except FileNotFoundError:
+        continue
+    elif name.endswith('.npy'):
+      out.append(full)
+  return out
+
+
+def _run_dir(path: str) -> str:
+  """The training run folder of a numpy checkpoint file, else its folder."""
+  parts = os.path.abspath(path).split(os.sep)
+  if len(parts) >= 4 and parts[-3] == ckpt_lib.NUMPY_DIR and re.fullmatch(
+      r'checkpoint_\d+', parts[-2]):
+    return os.sep.join(parts[:-3])
+  return os.path.dirname(os.path.abspath(path))
+
+
+def _default_name(path: str, info: Optional[PromptInfo]) -> str:
+  if info is not None and info.task:
+    return info.task
+  base = os.path.basename(path)
+  if base == PROMPT_FILE:
+    return os.path.basename(_run_dir(path))
+  return base[:-4] if base.endswith('.npy') else base
+
+
+def find_prompt_files(paths_or_dir: Union[PathLike, Iterable[PathLike]],
+                      step: Optional[int] = None) -> dict:
+  """{name: prompt file} for every prompt found (see the module docstring)."""
+  out: dict = {}
+  for entry in _as_list(paths_or_dir):
+    for path in _files_in(entry, step):
+      name = _default_name(path, ckpt_lib.load_prompt_info(path))
+      if name in out:
+        name = f'{name}@{os.path.basename(_run_dir(path))}'
+      k, unique = 2, name
+      while unique in out:
+        unique, k = f'{name}#{k}', k + 1
+      out[unique] = path
+  return out
+
+
+def load_library(paths_or_dir: Union[PathLike, Iterable[PathLike]],
+                 step: Optional[int] = None) -> dict:
+  """{name: (prompt [L, d] float32, PromptInfo)} of every prompt found.
+
+  A prompt without a sidecar (Google's .npy files) gets a PromptInfo with its
+  length only: no task (its name is a file stem, not a registered task), no
+  model description, no vocabulary.
+  """
+  out = {}
+  for name, path in find_prompt_files(paths_or_dir, step).items():
+    array = prompts_lib.load_prompt_file(path)
+    info = ckpt_lib.load_prompt_info(path) or PromptInfo(prompt_length=array.shape[0])
+    out[name] = (array, info)
+  if not out:
+    raise FileNotFoundError(f'No prompt found in {_as_list(paths_or_dir)}.')
+  return out
+
+
+def describe_model(model: Mapping[str, Any]) -> str:
+  """One line for messages, from a T5Config.describe() dict."""
+  if not model:
+    return 'an unknown model'
+  fields = ', '.join(f'{k}={model[k]}' for k in MODEL_FIELDS if k in model)
+  return f'{model.get("name", "model")} ({fields})'
+
+
+def describe_vocabulary(vocab: Any) -> str:
+  """The sidecar's vocabulary description of a seqio vocabulary (or a string)."""
+  if vocab is None or isinstance(vocab, str):
+    return vocab or ''
+  from prompt_transfer import trainer  # pylint: disable=g-import-not-at-top
+  return trainer._describe_vocab(vocab)  # pylint: disable=protected-access
+
+
+def _vocab_key(text: str) -> Any:
+  # 'Type(/path/spm.model, size=N)': the same file copied elsewhere still matches.
+  m = re.fullmatch(r'(\w+)\((.*), size=(\d+)\)', text.strip())
+  if not m:
+    return text.strip()
+  return m.group(1), os.path.basename(m.group(2)), int(m.group(3))
+
+
+def check_compatible(info: PromptInfo, model_config: Any, vocab: Any = None,
+                     array: Optional[np.ndarray] = None, projector: bool = False,
+                     name: Optional[str] = None) -> None:
+  """Raises IncompatiblePromptError if the prompt was made for another model.
+
+  Compares the sidecar's model description with `model_config` (a T5Config)
+  on MODEL_FIELDS, the sidecar's vocabulary with `vocab` (a seqio vocabulary
+  or its description), and the array's width with the model's emb_dim (the
+  only check possible for a bare .npy file); `name` labels the prompt in the
+  message (default: its task). projector=True skips the checks:
+  a projector maps prompts across models (not built yet; a flag for now).
+  """
+  if projector:
+    return
+  want = model_config.describe()
+  have = dict(info.model or {})
+  problems = []
+  for key in MODEL_FIELDS:
+    if key in have and key in want:
+      a, b = have[key], want[key]
+      if (list(a) if isinstance(a, (list, tuple)) else a) != (
+          list(b) if isinstance(b, (list, tuple)) else b):
+        problems.append(f'{key} {a} vs {b}')
+  if array is not None and np.shape(array)[-1] != want['emb_dim'] and not any(
+      p.startswith('emb_dim') for p in problems):
+    problems.append(f'prompt width {np.shape(array)[-1]} vs emb_dim {want["emb_dim"]}')
+  vocab_text = describe_vocabulary(vocab)
+  if vocab_text and info.vocabulary and _vocab_key(vocab_text) != _vocab_key(info.vocabulary):
+    problems.append(f'vocabulary {info.vocabulary} vs {vocab_text}')
+  if problems:
+    theirs = describe_model(have) if have else (
+        f'an unknown model (bare file, width {np.shape(array)[-1]})' if array is not None
+        else 'an unknown model')
+    raise IncompatiblePromptError(
+        f'Prompt {name or info.task or "(unnamed)"!r} was trained for {theirs}'
+        f'{f" with vocabulary {info.vocabulary}" if info.vocabulary else ""}; the model is '
+        f'{describe_model(want)}{f" with vocabulary {vocab_text}" if vocab_text else ""}. '
+        f'Differences: {"; ".join(problems)}. A prompt only transfers across models '
+        'through a projector.')
