@@ -30,7 +30,11 @@ T5X="${T5X:-t5x}"
 
 cmds=()
 for ((i = 0; i < N; i++)); do
-  cmds+=("$T5X $* --coordinator_address=localhost:$PORT --process_count=$N --process_index=$i")
+  # Shell-quoted, so the printed line runs as is (gin values with spaces and
+  # quotes included); $T5X is split into words as when it runs below.
+  cmd=$(printf '%q ' $T5X "$@" "--coordinator_address=localhost:$PORT" "--process_count=$N" \
+        "--process_index=$i")
+  cmds+=("${cmd% }")
 done
 if [[ $DRY -eq 1 ]]; then printf '%s\n' "${cmds[@]}"; exit 0; fi
 

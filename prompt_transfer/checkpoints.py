@@ -13,12 +13,12 @@ import dataclasses
 import json
 import os
 import re
-import shutil
 import time
 from typing import Any, Mapping, Optional
 
 import jax
 import numpy as np
+from etils import epath
 from flax import traverse_util
 
 NUMPY_DIR = 'numpy_checkpoints'
@@ -36,17 +36,35 @@ class PromptInfo:
   metrics: dict = dataclasses.field(default_factory=dict)
 
 
+# File I/O goes through etils.epath so MODEL_DIR may be local or gs://
+# (renames are atomic on local disks; on GCS a rename is copy-then-delete,
+# and readers ignore the *.tmp-* names either way).
+
+
+def normalize_dir(path: str) -> str:
+  """Local paths made absolute; URLs such as gs://bucket/run kept as given."""
+  path = os.fspath(path)
+  return path if '://' in path else os.path.abspath(os.path.expanduser(path))
+
+
 def atomic_write_bytes(path: str, data: bytes) -> None:
-  tmp = f'{path}.tmp-{os.getpid()}-{time.time_ns()}'
+  path = epath.Path(path)
+  tmp = path.parent / f'{path.name}.tmp-{os.getpid()}-{time.time_ns()}'
+  if '://' in os.fspath(path):
+    tmp.write_bytes(data)
+    if path.exists():
+      path.unlink()
+    tmp.rename(path)
+    return
   with open(tmp, 'wb') as f:
     f.write(data)
     f.flush()
-    os.fsync(f.fileno())
+    os.fsync(f.fileno())  # the data is on disk before the name points at it
   os.replace(tmp, path)
 
 
 def numpy_checkpoint_dir(model_dir: str, step: int) -> str:
-  return os.path.join(model_dir, NUMPY_DIR, f'checkpoint_{step}')
+  return os.fspath(epath.Path(model_dir) / NUMPY_DIR / f'checkpoint_{step}')
 
 
 def save_numpy_prompt(model_dir: str, step: int, trainable: Mapping[str, Any],
@@ -57,39 +75,37 @@ def save_numpy_prompt(model_dir: str, step: int, trainable: Mapping[str, Any],
   full paths (e.g. {'encoder': {'prompt': {'prompt': {'prompt': x}}}}).
   Only process 0 writes. Returns the final folder.
   """
-  final = numpy_checkpoint_dir(model_dir, step)
+  final = epath.Path(numpy_checkpoint_dir(model_dir, step))
   if jax.process_index() != 0:
-    return final
-  os.makedirs(os.path.dirname(final), exist_ok=True)
-  tmp = f'{final}.tmp-{int(time.time() * 1e6)}'
-  os.makedirs(tmp)
+    return os.fspath(final)
+  final.parent.mkdir(parents=True, exist_ok=True)
+  tmp = final.parent / f'{final.name}.tmp-{int(time.time() * 1e6)}'
+  tmp.mkdir()
   for path, value in traverse_util.flatten_dict(dict(trainable), sep='.').items():
-    with open(os.path.join(tmp, path), 'wb') as f:
+    with (tmp / path).open('wb') as f:
       np.save(f, np.asarray(jax.device_get(value)))
   if info is not None:
-    with open(os.path.join(tmp, INFO_FILE), 'w') as f:
-      json.dump(dataclasses.asdict(info), f, indent=1, default=float)
-  if os.path.exists(final):  # a re-run of the same step replaces it
-    shutil.rmtree(final)
-  os.replace(tmp, final)
-  return final
+    (tmp / INFO_FILE).write_text(json.dumps(dataclasses.asdict(info), indent=1, default=float))
+  if final.exists():  # a re-run of the same step replaces it
+    final.rmtree()
+  tmp.rename(final)
+  return os.fspath(final)
 
 
 def latest_numpy_step(model_dir: str) -> Optional[int]:
-  root = os.path.join(model_dir, NUMPY_DIR)
-  if not os.path.isdir(root):
+  root = epath.Path(model_dir) / NUMPY_DIR
+  if not root.is_dir():
     return None
-  steps = [int(m.group(1)) for n in os.listdir(root)
-           if (m := re.fullmatch(r'checkpoint_(\d+)', n))]
+  steps = [int(m.group(1)) for p in root.iterdir()
+           if (m := re.fullmatch(r'checkpoint_(\d+)', p.name))]
   return max(steps) if steps else None
 
 
 def load_prompt_info(prompt_file: str) -> Optional[PromptInfo]:
-  path = os.path.join(os.path.dirname(prompt_file), INFO_FILE)
-  if not os.path.exists(path):
+  path = epath.Path(prompt_file).parent / INFO_FILE
+  if not path.exists():
     return None
-  with open(path) as f:
-    return PromptInfo(**json.load(f))
+  return PromptInfo(**json.loads(path.read_text()))
 
 
 class TrainStateCheckpointer:
@@ -102,7 +118,7 @@ class TrainStateCheckpointer:
   def __init__(self, model_dir: str, max_to_keep: Optional[int] = 3):
     import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
     self._ocp = ocp
-    self.directory = os.path.abspath(os.path.join(model_dir, 'checkpoints'))
+    self.directory = os.fspath(epath.Path(normalize_dir(model_dir)) / 'checkpoints')
     self.manager = ocp.CheckpointManager(
         self.directory,
         options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,

@@ -117,6 +117,15 @@ def to_host(x: Any) -> np.ndarray:
   return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
+def on_cloud_tpu_vm() -> bool:
+  """A Cloud TPU VM (or GKE TPU pod): TPU devices or the TPU runtime's variables."""
+  import glob  # pylint: disable=g-import-not-at-top
+  tpu_env = ('TPU_WORKER_ID', 'CLOUD_TPU_TASK_ID', 'TPU_WORKER_HOSTNAMES', 'TPU_ACCELERATOR_TYPE',
+             'TPU_NAME')
+  return any(v in os.environ for v in tpu_env) or bool(glob.glob('/dev/accel*')) or \
+      os.path.exists('/dev/vfio/0')
+
+
 @gin.configurable
 def initialize_distributed(coordinator_address: Optional[str] = None,
                            num_processes: Optional[int] = None,
@@ -124,15 +133,25 @@ def initialize_distributed(coordinator_address: Optional[str] = None,
                            cpu_collectives: str = 'gloo') -> None:
   """Starts JAX's distributed runtime when the run spans several processes.
 
-  On Cloud TPU all arguments are discovered automatically; GPU clusters and
-  the localhost tests pass the coordinator explicitly (T5X's
-  --coordinator_address/--process_count/--process_index). CPU processes
-  exchange data with gloo collectives.
+  On Cloud TPU VMs and pod slices all arguments are discovered by JAX (from the
+  TPU metadata). GPU clusters and the localhost tests pass the coordinator
+  explicitly (T5X's --coordinator_address/--process_count/--process_index);
+  then JAX's own cluster detection is switched off, because under SLURM it
+  would pin each process to the single GPU of SLURM_LOCALID even when one
+  process drives all GPUs of a node. CPU processes exchange data with gloo.
   """
-  if coordinator_address is None and 'TPU_WORKER_ID' not in os.environ and \
-     'CLOUD_TPU_TASK_ID' not in os.environ and num_processes in (None, 1):
-    return  # a single process: nothing to start
+  if coordinator_address is None:
+    if num_processes not in (None, 1) or not on_cloud_tpu_vm():
+      if num_processes not in (None, 1):
+        raise ValueError('--process_count > 1 needs --coordinator_address.')
+      return  # a single process: nothing to start
+    jax.distributed.initialize()  # Cloud TPU: topology from the TPU metadata
+    return
   if cpu_collectives:
     jax.config.update('jax_cpu_collectives_implementation', cpu_collectives)
-  jax.distributed.initialize(coordinator_address=coordinator_address,
-                             num_processes=num_processes, process_id=process_id)
+  local_ids = os.environ.get('JAX_LOCAL_DEVICE_IDS')
+  jax.distributed.initialize(
+      coordinator_address=coordinator_address, num_processes=num_processes,
+      process_id=process_id,
+      local_device_ids=[int(i) for i in local_ids.split(',')] if local_ids else None,
+      cluster_detection_method='deactivate')

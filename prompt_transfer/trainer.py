@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import flax.linen as nn
+from etils import epath
 from flax import traverse_util
 
 from prompt_transfer import checkpoints as ckpt_lib
@@ -176,30 +177,38 @@ def train_dataset(task_name: str, task_feature_lengths: Mapping[str, int], batch
 # Logging.
 # ---------------------------------------------------------------------------
 class MetricsWriter:
-  """One JSON object per logged step in metrics.jsonl, plus TensorBoard."""
+  """One JSON object per logged step in metrics.jsonl, plus TensorBoard.
+
+  The file is rewritten whole (atomically) at each write: it stays small, and
+  object stores such as GCS cannot append.
+  """
 
   def __init__(self, model_dir: str, resume_step: int):
-    self.path = os.path.join(model_dir, 'metrics.jsonl')
+    self.path = epath.Path(model_dir) / 'metrics.jsonl'
     self.enabled = jax.process_index() == 0
+    self.lines: list = []
     if not self.enabled:
       return
-    if os.path.exists(self.path):
+    if self.path.exists():
       # Drop lines of steps after the restored checkpoint: they will be redone.
-      with open(self.path) as f:
-        lines = [l for l in f if l.strip() and json.loads(l).get('step', 0) <= resume_step]
-      ckpt_lib.atomic_write_bytes(self.path, ''.join(lines).encode())
+      self.lines = [l for l in self.path.read_text().splitlines()
+                    if l.strip() and json.loads(l).get('step', 0) <= resume_step]
+      self._flush()
     try:
       import tensorflow as tf  # pylint: disable=g-import-not-at-top
-      self._tb = tf.summary.create_file_writer(os.path.join(model_dir, 'train'))
+      self._tb = tf.summary.create_file_writer(os.fspath(epath.Path(model_dir) / 'train'))
     except Exception:  # TensorBoard is optional
       self._tb = None
+
+  def _flush(self) -> None:
+    ckpt_lib.atomic_write_bytes(os.fspath(self.path),
+                                ''.join(l + '\n' for l in self.lines).encode())
 
   def write(self, step: int, metrics: Mapping[str, float]) -> None:
     if not self.enabled:
       return
-    record = {'step': int(step), **{k: float(v) for k, v in metrics.items()}}
-    with open(self.path, 'a') as f:
-      f.write(json.dumps(record) + '\n')
+    self.lines.append(json.dumps({'step': int(step), **{k: float(v) for k, v in metrics.items()}}))
+    self._flush()
     if self._tb is not None:
       import tensorflow as tf  # pylint: disable=g-import-not-at-top
       with self._tb.as_default():
@@ -262,10 +271,10 @@ def train(
   holds a checkpoint, logs to metrics.jsonl and TensorBoard. Returns the last
   logged metrics (with eval metrics if any).
   """
-  model_dir = os.path.abspath(os.path.expanduser(model_dir))
-  os.makedirs(model_dir, exist_ok=True)
+  model_dir = ckpt_lib.normalize_dir(model_dir)  # local or gs://
+  epath.Path(model_dir).mkdir(parents=True, exist_ok=True)
   if jax.process_index() == 0:
-    ckpt_lib.atomic_write_bytes(os.path.join(model_dir, 'config.gin'),
+    ckpt_lib.atomic_write_bytes(os.fspath(epath.Path(model_dir) / 'config.gin'),
                                 gin.operative_config_str().encode())
 
   # Task -> vocabulary -> model with prompt.
@@ -394,7 +403,9 @@ def train(
         state, metrics = p_train_step(state, frozen, batch, jax.random.fold_in(rng, step))
       examples_since_log += batch_size
       done = step + 1
-      if done % log_period == 0 or done == train_steps or done % checkpoint_period == 0:
+      # The first step is logged too: the loss before the prompt has moved.
+      if (done % log_period == 0 or done == train_steps or done % checkpoint_period == 0 or
+          done == 1):
         metrics = jax.tree_util.tree_map(partitioning.to_host, metrics)
         loss = float(metrics['loss'])
         if not math.isfinite(loss):

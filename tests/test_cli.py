@@ -94,7 +94,7 @@ def trained(tmp_path_factory):
 
 def test_train_eval_infer_and_from_file(trained, tmp_path):
   recs = [json.loads(l) for l in open(os.path.join(trained, 'metrics.jsonl'))]
-  assert [r['step'] for r in recs] == [10, 20, 30, 40]
+  assert [r['step'] for r in recs] == [1, 10, 20, 30, 40]
   assert recs[-1]['loss'] < recs[0]['loss']
   for key in ('loss', 'learning_rate', 'examples_per_second'):
     assert key in recs[-1]

@@ -58,7 +58,7 @@ def test_prompt_tuning_writes_google_layout_and_learns(straight_run):
   assert info.task == TASK and info.step == 20 and info.prompt_length == 6
   assert info.model['emb_dim'] == CONFIG.emb_dim
   losses = _losses(d)
-  assert len(losses) == 4 and losses[-1] < losses[0]
+  assert len(losses) == 5 and losses[-1] < losses[0]
   assert os.path.exists(os.path.join(d, 'config.gin'))
   assert any(f.startswith('events') for f in os.listdir(os.path.join(d, 'train')))
 
@@ -68,7 +68,7 @@ def test_resume_gives_the_same_prompt_as_a_straight_run(straight_run, tmp_path):
   _train(tmp_path, 20)  # resumes from step 10, sees batches 10..19
   np.testing.assert_allclose(_prompt(tmp_path, 20), _prompt(straight_run, 20), rtol=1e-6,
                              atol=1e-7)
-  assert [json.loads(l)['step'] for l in open(tmp_path / 'metrics.jsonl')] == [5, 10, 15, 20]
+  assert [json.loads(l)['step'] for l in open(tmp_path / 'metrics.jsonl')] == [1, 5, 10, 15, 20]
 
 
 def test_zero_steps_writes_the_initial_prompt(tmp_path):

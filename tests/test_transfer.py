@@ -50,13 +50,6 @@ PROMPT_LENGTH = 10
 STEPS = 40
 EVAL_EXAMPLES = 32
 
-# Three trainings and many evaluations compile identical XLA programs: a
-# persistent compilation cache turns every compile after the first into a
-# disk read (set only if nobody configured one).
-if not jax.config.jax_compilation_cache_dir:
-  jax.config.update('jax_compilation_cache_dir',
-                    os.path.join(tempfile.gettempdir(), 'prompt_transfer_test_jax_cache'))
-  jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.5)
 
 
 def _has_asset() -> bool:
