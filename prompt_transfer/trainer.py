@@ -235,7 +235,7 @@ def _progress(step: int, total: int, loss: float, lr: float, ex_per_s: float,
 # ---------------------------------------------------------------------------
 # The training entry point.
 # ---------------------------------------------------------------------------
-@gin.configurable(denylist=['model_override'])
+@gin.configurable
 def train(
     model_dir: str = gin.REQUIRED,
     mixture_or_task_name: str = gin.REQUIRED,
@@ -244,6 +244,7 @@ def train(
     batch_size: int = 32,
     config: Optional[T5Config] = None,
     prompt: Tuple[int, Any] = None,
+    prompt_module: Optional[Callable[..., Any]] = None,
     checkpoint_path: Optional[str] = None,
     optimizer: Optional[optax.GradientTransformation] = None,
     learning_rate: Any = 0.3,
@@ -262,9 +263,16 @@ def train(
     num_partitions: int = 1,
     mesh_shape: Optional[Tuple[int, int]] = None,
     host_data_sharding: str = 'seqio',
-    model_override: Optional[EncoderDecoderModel] = None,
 ) -> dict:
   """Trains the prompt (or any parameters matching `trainable_params`).
+
+  The prompt comes from one prompt-producing module: by default a free
+  [PROMPT_LENGTH, d_model] array initialised by `prompt` (see prompt_config);
+  `prompt_module` (a factory called with name='prompt', returning a module
+  that maps the embedding table to a [l, d_model] prompt: a projector of
+  another model's prompt, an intrinsic-subspace decoder, ...) replaces it.
+  Either way its free parameters live under encoder/prompt/ and are exactly
+  what `trainable_params` selects for training.
 
   Writes orbax train-state checkpoints and numpy prompts every
   `checkpoint_period` steps and at the end, resumes from MODEL_DIR when it
@@ -285,17 +293,15 @@ def train(
     raise TrainingError(f'Task {task.name!r} has a vocabulary of {vocab.vocab_size} ids but '
                         f'the model {config.name} only {config.vocab_size}.')
   prompt_length, prompt_init = prompt if prompt is not None else prompt_config()
-  if model_override is not None:
-    model = model_override
-  else:
-    model = build_model(config, prompt_length=prompt_length,
-                        prompt_init=resolve_prompt_init(prompt_init, task), vocabulary=vocab)
+  model = build_model(config, prompt_length=prompt_length,
+                      prompt_init=resolve_prompt_init(prompt_init, task),
+                      prompt_factory=prompt_module, vocabulary=vocab)
 
   # Frozen weights, then the prompt initialised against them (a from_file
   # prompt of the wrong shape fails here, before any training).
   rng = jax.random.PRNGKey(seed)
   params = load_frozen_params(model, checkpoint_path, model_seed)
-  if prompt_length > 0 or model_override is not None:
+  if prompt_length > 0 or prompt_module is not None:
     params = model.init_prompt(jax.random.fold_in(rng, 1), params)
   trainable, frozen = partition_params(params, trainable_params)
   n_train = sum(np.size(x) for x in jax.tree_util.tree_leaves(trainable))

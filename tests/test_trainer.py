@@ -138,3 +138,24 @@ def test_prompt_tuning_on_a_real_t5x_checkpoint(tmp_path):
   emb = np.load(os.path.join(SHARED, 'tiny_embeddings_32128x4.npy'))
   p0 = _prompt(tmp_path, 0)
   assert all(np.any(np.all(np.isclose(emb[:5000], row), axis=1)) for row in p0)
+
+
+def test_a_custom_prompt_module_is_what_gets_trained(tmp_path):
+  """The seam for projectors / subspace decoders: any module under encoder/prompt."""
+  import flax.linen as nn
+  import jax.numpy as jnp
+
+  class LowRankPrompt(nn.Module):  # prompt = u @ v, only u and v are free
+    length: int = 6
+
+    @nn.compact
+    def __call__(self, embedding):
+      u = self.param('u', nn.initializers.normal(1.0), (self.length, 2))
+      v = self.param('v', nn.initializers.normal(1.0), (2, embedding.shape[-1]))
+      return jnp.dot(u, v)
+
+  _train(tmp_path, 10, prompt=(0, None), prompt_module=LowRankPrompt)
+  files = sorted(os.listdir(checkpoints.numpy_checkpoint_dir(str(tmp_path), 10)))
+  assert files == ['encoder.prompt.prompt.u', 'encoder.prompt.prompt.v', 'prompt_info.json']
+  losses = _losses(tmp_path)
+  assert np.isfinite(losses).all()
