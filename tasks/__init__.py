@@ -12,6 +12,9 @@ first) registers every task and mixture:
   extraction: fewrel. QA: squad_v1, squad_v2. Summarisation: xsum.
 * spot_mixture: SPoT's large multi-task source mixture (K = 2^19).
 * Synthetic families (tasks.synthetic): synthetic_<rule>_<template>.
+* Rank-classification twins (tasks.rank): <task>_rank for every
+  classification task; eval splits score each label word (seqio score mode).
+  `add_rank_task(name)` makes one for another task.
 
 Options (read when data is used, so they may be set after import):
 `set_tfds_data_dir` / env TFDS_DATA_DIR, `set_data_dir` / env
@@ -57,3 +60,8 @@ from tasks import mixtures
 from tasks import synthetic
 from tasks import metrics
 from tasks import preprocessors
+# Last: rank-classification twins of every classification task above.
+from tasks import rank
+from tasks.rank import add_rank_task
+from tasks.rank import RANK_TASKS
+from tasks.rank import rank_task_name

@@ -566,9 +566,11 @@ def check_available(name: str, splits: Optional[Sequence[str]] = None) -> None:
                                          if s in task.splits])
     return
   source = provider.source
-  if isinstance(source, (TfdsSource, FileSource)):
-    source.check(splits)
-  # Other sources (synthetic functions) need no data.
+  # TfdsSource, FileSource and rank twins' sources (which ask their base) can
+  # check; other sources (synthetic functions) need no data.
+  check = getattr(source, 'check', None)
+  if callable(check):
+    check(splits)
 
 
 def is_available(name: str) -> bool:

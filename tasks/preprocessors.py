@@ -226,23 +226,33 @@ def rank_classification_pairs(example: Mapping[str, Any],
           for i, w in enumerate(label_words)]
 
 
-def rank_classification(dataset: tf.data.Dataset, label_words: Sequence[str]
-                        ) -> tf.data.Dataset:
+def rank_classification(dataset: tf.data.Dataset, label_words: Sequence[str],
+                        keep_features: bool = False) -> tf.data.Dataset:
   """Text dataset -> one example per (example, class), for scoring-based eval.
 
   Output keys: 'inputs', 'targets' (the label word), 'idx' (example number),
   'choice' (class index), 'label' (true class index, -1 if the target is no
-  label word) and 'is_correct'.
+  label word) and 'is_correct'. With `keep_features`, also 'gold_targets' (the
+  example's own target text) and every other scalar feature of the example
+  (e.g. MultiRC's 'question_idx'), repeated on each of its rows, so a task's
+  postprocess_fn can still read them.
   """
   words = tf.constant(list(label_words))
   n = len(label_words)
+  own = ('inputs', 'targets', 'idx', 'choice', 'label', 'is_correct',
+         'gold_targets')
 
   def expand(i, x):
     match = tf.equal(words, x['targets'])
     label = tf.where(tf.reduce_any(match),
                      tf.cast(tf.argmax(tf.cast(match, tf.int32)), tf.int32), -1)
     choices = tf.range(n, dtype=tf.int32)
-    return tf.data.Dataset.from_tensor_slices({
+    out = {}
+    if keep_features:
+      out = {k: tf.fill([n], v) for k, v in x.items()
+             if k not in own and v.shape.rank == 0}
+      out['gold_targets'] = tf.fill([n], x['targets'])
+    out.update({
         'inputs': tf.fill([n], x['inputs']),
         'targets': words,
         'idx': tf.fill([n], tf.cast(i, tf.int32)),
@@ -250,6 +260,7 @@ def rank_classification(dataset: tf.data.Dataset, label_words: Sequence[str]
         'label': tf.fill([n], label),
         'is_correct': tf.equal(choices, label),
     })
+    return tf.data.Dataset.from_tensor_slices(out)
 
   return dataset.enumerate().flat_map(expand)
 

@@ -410,6 +410,109 @@ def test_mixture_batches(fake_tfds):
   assert batch['decoder_target_tokens'].shape == (8, SEQ_LEN['targets'])
 
 
+# First word of each task's inputs, to tell which task an example came from.
+PREFIX = {
+    **{t: t for t in ('cola', 'sst2', 'mrpc', 'qqp', 'stsb', 'mnli', 'qnli', 'rte',
+                      'wnli')},
+    **{f'superglue_{t}': t for t in ('boolq', 'cb', 'copa', 'multirc', 'record',
+                                     'rte', 'wic', 'wsc')},
+    'imdb': 'imdb', 'squad_v1': 'squad', 'squad_v2': 'squad2', 'xsum': 'summarize:',
+}
+
+
+def _prefixes(batch: dict[str, Any], vocabulary: seqio.Vocabulary) -> list[str]:
+  return [vocabulary.decode([int(t) for t in row if t > 1]).split()[0]
+          for row in batch['encoder_input_tokens']]
+
+
+@pytest.mark.parametrize('name,dominant', [
+    ('glue_mixture', {'mnli', 'qqp'}),
+    ('spot_glue_mixture', {'mnli', 'qqp'}),
+    ('spot_mixture', {'mnli', 'qqp', 'summarize:'}),
+])
+def test_mixture_pipeline_batches(name, dominant, fake_tfds, vocabulary):
+  """The registered mixture (its real rates) -> EncDecFeatureConverter -> batches.
+
+  Every TFDS builder of these mixtures (glue/*, super_glue/*, imdb_reviews,
+  squad/v1.1, squad/v2.0, xsum) reads FAKE rows through the same
+  `tfds.testing.mock_data(as_dataset_fn=...)` fixture as the task tests, so no
+  builder needs mock-data generation from its metadata, nor the network.
+  """
+  del fake_tfds
+  mixture = seqio.get_mixture_or_task(name)
+  ds = mixture.get_dataset(SEQ_LEN, split='train', shuffle=False, seed=0)
+  converted = seqio.EncDecFeatureConverter(pack=False)(ds, SEQ_LEN)
+  batches = list(tfds.as_numpy(converted.batch(16).take(2)))
+  assert len(batches) == 2
+  allowed = {PREFIX[t.name] for t in mixture.tasks}
+  seen = []
+  for batch in batches:
+    assert set(batch) == {'encoder_input_tokens', 'decoder_input_tokens',
+                          'decoder_target_tokens', 'decoder_loss_weights'}
+    assert batch['encoder_input_tokens'].shape == (16, SEQ_LEN['inputs'])
+    assert batch['decoder_target_tokens'].shape == (16, SEQ_LEN['targets'])
+    assert (batch['decoder_input_tokens'][:, 0] == 0).all()  # BOS.
+    np.testing.assert_array_equal(batch['decoder_input_tokens'][:, 1:],
+                                  batch['decoder_target_tokens'][:, :-1])
+    assert (batch['decoder_loss_weights'] == (batch['decoder_target_tokens'] > 0)).all()
+    seen += _prefixes(batch, vocabulary)
+  assert set(seen) <= allowed, set(seen) - allowed
+  # Examples-proportional: the largest tasks are there after 32 draws.
+  assert dominant <= set(seen), seen
+
+
+def test_mixture_member_train_splits_in_one_mixture(fake_tfds, vocabulary):
+  """Every task of the three TFDS mixtures, through one equal-rate mixture.
+
+  The registered mixtures rarely draw their small tasks (WNLI, CB, COPA, ...)
+  in a few batches; equal rates make each task's train split appear, through
+  the same Mixture -> converter path.
+  """
+  del fake_tfds
+  names = sorted({t for m in MIXTURES if m != 'superglue_mixture'
+                  for t in tasks.mixture_tasks(m)})
+  assert len(names) == 20  # spot_mixture's 19 and WNLI.
+  mixture = seqio.Mixture('test_equal_rate_mixture', names, default_rate=1.0)
+  ds = mixture.get_dataset(SEQ_LEN, split='train', shuffle=False, seed=0)
+  converted = seqio.EncDecFeatureConverter(pack=False)(ds, SEQ_LEN)
+  seen = set()
+  for batch in tfds.as_numpy(converted.batch(32).take(8)):
+    seen |= set(_prefixes(batch, vocabulary))
+  assert seen == {PREFIX[n] for n in names}
+
+
+def test_real_rank_twins(fake_tfds):
+  """GLUE / SuperGLUE rank twins: rows per label word, the task's own metrics."""
+  del fake_tfds
+  cases = {  # twin: (FAKE key, label words, metrics if right, metrics if wrong)
+      'mnli_rank': ('glue/mnli', 3, {'accuracy': 100.0}, {'accuracy': 0.0}),
+      'cola_rank': ('glue/cola', 2, {'mcc': 100.0, 'accuracy': 100.0},
+                    {'mcc': -100.0, 'accuracy': 0.0}),
+      'superglue_multirc_rank': ('super_glue/multirc', 2,
+                                 {'f1a': 100.0, 'em': 100.0},
+                                 {'f1a': 0.0, 'em': 0.0}),
+  }
+  for name, (key, n_words, if_right, if_wrong) in cases.items():
+    assert tasks.get_task_info(name).metric_names == tuple(if_right)
+    evaluator = seqio.Evaluator(
+        name, feature_converter=seqio.EncDecFeatureConverter(pack=False),
+        eval_split='validation', sequence_length=SEQ_LEN, logger_cls=())
+    rows = list(tfds.as_numpy(evaluator.cached_task_datasets[name]))
+    assert len(rows) == n_words * len(FAKE[key])
+    assert [r['choice'] for r in rows[:n_words]] == list(range(n_words))
+    assert [r['idx'] for r in rows[:n_words]] == [0] * n_words
+    assert sum(r['is_correct'] for r in rows) == len(FAKE[key])
+    if name == 'superglue_multirc_rank':  # Group ids survive the expansion.
+      assert {int(r['question_idx']) for r in rows} == {3}
+    correct = [bool(r['is_correct']) for r in rows]
+    for right, expected in ((True, if_right), (False, if_wrong)):
+      result, _ = evaluator.evaluate(
+          compute_metrics=True,
+          score_fn=lambda ds, r=right: [(int(i), float(correct[i] == r))
+                                        for i, _ in tfds.as_numpy(ds)])
+      assert result.result()[name] == pytest.approx(expected), (name, right)
+
+
 def test_spot_mixture_contents():
   names = tasks.mixture_tasks('spot_mixture')
   assert 'wnli' not in names and 'superglue_rte' not in names
@@ -454,6 +557,15 @@ def test_xsum_message_mentions_manual_download():
 def test_missing_data_in_mixture():
   with pytest.raises(tasks.DataUnavailableError, match="'cola'"):
     tasks.check_available('glue_mixture')
+
+
+def test_missing_data_of_a_rank_twin():
+  with pytest.raises(tasks.DataUnavailableError, match="'sst2'"):
+    tasks.check_available('sst2_rank')
+  with pytest.raises(tasks.DataUnavailableError,
+                     match="'sst2_rank' is the rank-classification twin of 'sst2'"):
+    seqio.get_mixture_or_task('sst2_rank').get_dataset(SEQ_LEN, 'validation',
+                                                       shuffle=False)
 
 
 def test_tfds_data_dir_option_and_env(monkeypatch, tmp_path):
@@ -712,10 +824,18 @@ def test_every_registration_is_known_to_seqio_and_listed():
   assert rows['xsum'].metrics == ('rouge1', 'rouge2', 'rougeLsum')
   assert rows['stsb'].metrics == ('pearson', 'spearman')
   # Every task but the synthetic ones is exercised on data above.
-  real = {n for n in tasks.task_names() if not n.startswith('synthetic_')}
+  real = {n for n in tasks.task_names()
+          if not n.startswith('synthetic_') and not n.endswith('_rank')}
   assert real == set(TFDS_TASKS) | {'semeval14_laptop', 'semeval14_restaurant',
                                     'fewrel'}
   assert set(MIXTURES) | {'synthetic_mixture'} == set(tasks.mixture_names())
+  # Every classification task has a rank-classification twin, same metrics.
+  classification = {n for n in tasks.task_names() if not n.endswith('_rank')
+                    and tasks.get_task_info(n).kind == 'classification'}
+  assert {tasks.rank_task_name(n) for n in classification} == set(tasks.RANK_TASKS)
+  for n in classification:
+    assert rows[n + '_rank'].metrics == rows[n].metrics
+    assert rows[n + '_rank'].splits == rows[n].splits
 
 
 def test_module_import_flag_style():

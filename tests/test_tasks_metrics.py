@@ -210,6 +210,13 @@ def test_rank_classification_tf():
   assert [(r['idx'], r['choice'], r['targets'], r['label'], r['is_correct'])
           for r in out] == [(0, 0, b'no', 1, False), (0, 1, b'yes', 1, True),
                             (1, 0, b'no', -1, False), (1, 1, b'yes', -1, False)]
+  # keep_features: the gold text and the other scalar features on every row.
+  ds = tf.data.Dataset.from_tensor_slices({'inputs': ['x'], 'targets': ['yes'],
+                                           'group': [7], 'span': [[1, 2]]})
+  out = list(tfds.as_numpy(tasks.rank_classification(ds, ['no', 'yes'],
+                                                     keep_features=True)))
+  assert [(r['group'], r['gold_targets']) for r in out] == [(7, b'yes')] * 2
+  assert 'span' not in out[0]  # Not a scalar.
 
 
 def test_rank_classification_dataset_on_a_task():
