@@ -29,6 +29,7 @@ from flax import traverse_util
 from prompt_transfer import checkpoints as ckpt_lib
 from prompt_transfer import evaluation
 from prompt_transfer import partitioning
+from prompt_transfer import perf
 from prompt_transfer import prompts as prompts_lib
 from prompt_transfer.config import T5Config, get_config
 from prompt_transfer.models import EncoderDecoderModel, Params, build_model
@@ -402,11 +403,19 @@ def train(
                             start_step, host_data_sharding=host_data_sharding)
     t0 = t_log = time.time()
     examples_since_log = 0
+    step_flops, peak = None, perf.peak_flops_per_device()
+    # After the first (compiling) step, any compilation of the step is a bug
+    # (a shape or dtype changed): counted and logged as `recompilations`.
+    compiles = perf.CompileCounter(match='train_step')
     for step in range(start_step, train_steps):
       batch = next(batches)
       batch = partitioning.global_batch({k: batch[k] for k in evaluation.MODEL_KEYS}, mesh)
       with partitioning.mesh_context(mesh):
+        if step == start_step:
+          step_flops = perf.lowered_flops(p_train_step, state, frozen, batch, rng)
         state, metrics = p_train_step(state, frozen, batch, jax.random.fold_in(rng, step))
+      if step == start_step:
+        compiles.__enter__()
       examples_since_log += batch_size
       done = step + 1
       # The first step is logged too: the loss before the prompt has moved.
@@ -425,6 +434,14 @@ def train(
         last = {'loss': loss, 'learning_rate': float(lr_fn(done)),
                 'examples_per_second': ex_per_s, 'elapsed_seconds': now - t0,
                 **{k: float(v) for k, v in metrics.items() if k != 'loss'}}
+        if step_flops:
+          last['train_step_flops'] = step_flops
+          util = perf.mfu(step_flops, ex_per_s / batch_size, jax.device_count(), peak)
+          if util is not None:  # accelerators only: CPUs have no peak in the table
+            last['mfu'] = util
+        last['recompilations'] = compiles.count
+        if compiles.count:
+          log(f'warning: the train step was recompiled {compiles.count} time(s) after step 1')
         log(_progress(done, train_steps, loss, last['learning_rate'],
                                                ex_per_s, now - t0, start_step))
         if eval_period and (done % eval_period == 0 or done == train_steps):
@@ -432,6 +449,7 @@ def train(
         metrics_writer.write(done, last)
       if done % checkpoint_period == 0 or done == train_steps:
         save(done, state, last)
+    compiles.__exit__(None, None, None)
   elif evaluator is not None:
     last = evaluate(start_step)
   checkpointer.close()

@@ -159,3 +159,10 @@ def test_a_custom_prompt_module_is_what_gets_trained(tmp_path):
   assert files == ['encoder.prompt.prompt.u', 'encoder.prompt.prompt.v', 'prompt_info.json']
   losses = _losses(tmp_path)
   assert np.isfinite(losses).all()
+
+
+def test_metrics_report_flops_and_no_recompilation(straight_run):
+  recs = [json.loads(l) for l in open(os.path.join(straight_run, 'metrics.jsonl'))]
+  assert all(r['recompilations'] == 0 for r in recs)
+  assert recs[-1]['train_step_flops'] > 1e6
+  assert 'mfu' not in recs[-1]  # no peak FLOP/s is known for CPUs
