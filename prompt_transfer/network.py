@@ -28,7 +28,6 @@ from typing import Any, Callable, Optional, Tuple
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from prompt_transfer.config import T5Config
 from prompt_transfer.prompts import PromptSlot
@@ -311,7 +310,8 @@ def _num_layers(module: nn.Module, default: int) -> int:
 
 def _layer_cls(cfg: T5Config, cls: type) -> type:
   # Recompute activations in the backward pass instead of storing them.
-  return nn.remat(cls, static_argnums=(5, 6, 7) if cls is DecoderLayer else (4,)) \
+  # static_argnums count `self` as 0: the Python bools enable_dropout (and decode).
+  return nn.remat(cls, static_argnums=(6, 7) if cls is DecoderLayer else (4,)) \
       if cfg.remat else cls
 
 
