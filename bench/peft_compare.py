@@ -200,8 +200,9 @@ def our_step_flops(hf_dir: str, prompt, args) -> Optional[float]:
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   from prompt_transfer import perf  # pylint: disable=g-import-not-at-top
+  from prompt_transfer.trainer import make_train_step  # pylint: disable=g-import-not-at-top
   model, trainable, frozen, tx = _our_setup(hf_dir, prompt)
-  step = jax.jit(make_our_train_step(model, tx), donate_argnums=(0,))
+  step = jax.jit(make_train_step(model, tx), donate_argnums=(0,))
   state = {'step': jnp.zeros((), jnp.int32), 'trainable': trainable,
            'opt_state': tx.init(trainable)}
   shape = lambda *s: jax.ShapeDtypeStruct(s, jnp.int32)  # noqa: E731
@@ -214,24 +215,12 @@ def our_step_flops(hf_dir: str, prompt, args) -> Optional[float]:
 # ---------------------------------------------------------------------------
 # Ours.
 # ---------------------------------------------------------------------------
-def _partition(params, pattern: str):
-  """trainer.partition_params, without importing the trainer (orbax, gin, tf)."""
-  import re  # pylint: disable=g-import-not-at-top
-  from flax import traverse_util  # pylint: disable=g-import-not-at-top
-  flat = traverse_util.flatten_dict(dict(params), sep='/')
-  regex = re.compile(pattern)
-  trainable = {k: v for k, v in flat.items() if regex.fullmatch(k)}
-  frozen = {k: v for k, v in flat.items() if k not in trainable}
-  return (traverse_util.unflatten_dict(trainable, sep='/'),
-          traverse_util.unflatten_dict(frozen, sep='/'))
-
-
-def _merge(trainable, frozen):
-  """trainer.merge_params."""
-  from flax import traverse_util  # pylint: disable=g-import-not-at-top
-  flat = traverse_util.flatten_dict(dict(frozen), sep='/')
-  flat.update(traverse_util.flatten_dict(dict(trainable), sep='/'))
-  return traverse_util.unflatten_dict(flat, sep='/')
+def _train_timings(first_step_s: float, warmup_s: float, steps: int, train_s: float,
+                   batch_size: int, losses: List[float]) -> Dict[str, Any]:
+  """The training fields both sides report, computed one way."""
+  return {'first_step_s': first_step_s, 'warmup_steps_s': warmup_s, 'train_steps': steps,
+          'train_s': train_s, 'train_examples_per_s': steps * batch_size / train_s,
+          'loss_first': losses[0], 'loss_last': losses[-1]}
 
 
 def _install_remat_policy() -> None:
@@ -270,34 +259,19 @@ def _our_setup(hf_dir: str, prompt, remat: bool = False):
   from prompt_transfer.checkpoint_import import read_hf_checkpoint  # pylint: disable=g-import-not-at-top
   from prompt_transfer.models import build_model  # pylint: disable=g-import-not-at-top
   from prompt_transfer.prompts import from_array  # pylint: disable=g-import-not-at-top
+  # The trainer's own helpers: importing trainer loads no TF, seqio or orbax.
+  from prompt_transfer.trainer import partition_params  # pylint: disable=g-import-not-at-top
   config, host_params = read_hf_checkpoint(hf_dir)
   if remat:
     config = config.replace(remat=True)
   model = build_model(config, prompt_length=prompt.shape[0], prompt_init=from_array(prompt))
   params = model.init_prompt(jax.random.PRNGKey(0), host_params)
   del host_params
-  trainable, frozen = _partition(params, PROMPT_PARAMS)
+  trainable, frozen = partition_params(params, PROMPT_PARAMS)
   # trainer.train's default optimizer (gin runs/prompt_tune.gin).
   tx = optax.adafactor(learning_rate=0.3, decay_rate=0.8, multiply_by_parameter_scale=False,
                        weight_decay_rate=1e-5, clipping_threshold=1.0)
   return model, trainable, frozen, tx
-
-
-def make_our_train_step(model, tx, use_dropout: bool = True):
-  """trainer.train's `train_step`, verbatim but for the imports."""
-  import jax  # pylint: disable=g-import-not-at-top
-  import optax  # pylint: disable=g-import-not-at-top
-
-  def train_step(state, frozen, batch, dropout_rng):
-    def loss_fn(trainable):
-      return model.loss_fn(_merge(trainable, frozen), batch,
-                           dropout_rng if use_dropout else None)
-    (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state['trainable'])
-    updates, opt_state = tx.update(grads, state['opt_state'], state['trainable'])
-    trainable = optax.apply_updates(state['trainable'], updates)
-    metrics['grad_norm'] = optax.tree.norm(grads)
-    return {'step': state['step'] + 1, 'trainable': trainable, 'opt_state': opt_state}, metrics
-  return train_step
 
 
 def run_ours(spec: Dict[str, Any]) -> Dict[str, Any]:
@@ -314,6 +288,7 @@ def run_ours(spec: Dict[str, Any]) -> Dict[str, Any]:
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
   from prompt_transfer import perf  # pylint: disable=g-import-not-at-top
+  from prompt_transfer.trainer import make_train_step, merge_params  # pylint: disable=g-import-not-at-top
   t_import = time.perf_counter() - t_import
   phases['after_import'] = _proc_status()
 
@@ -336,7 +311,7 @@ def run_ours(spec: Dict[str, Any]) -> Dict[str, Any]:
   out: Dict[str, Any] = {}
 
   if spec['steps'] > 0:
-    step_fn = jax.jit(make_our_train_step(model, tx), donate_argnums=(0,))
+    step_fn = jax.jit(make_train_step(model, tx), donate_argnums=(0,))
     state = {'step': jnp.zeros((), jnp.int32), 'trainable': trainable,
              'opt_state': tx.init(trainable)}
     del trainable
@@ -366,17 +341,14 @@ def run_ours(spec: Dict[str, Any]) -> Dict[str, Any]:
       train_s = time.perf_counter() - t0
     phases['after_train'] = _proc_status()
     out.update({
-        'first_step_s': first_step_s, 'warmup_steps_s': warmup_s,
-        'train_steps': spec['steps'], 'train_s': train_s,
-        'train_examples_per_s': spec['steps'] * batch_size / train_s,
-        'loss_first': losses[0], 'loss_last': losses[-1],
+        **_train_timings(first_step_s, warmup_s, spec['steps'], train_s, batch_size, losses),
         'recompilations_during_timed_steps': compiles.count,
     })
     del state
 
   if spec['decode_tokens'] > 0:
     initial = {'encoder': {'prompt': {'prompt': {'prompt': jnp.asarray(prompt)}}}}
-    params = _merge(initial, frozen)
+    params = merge_params(initial, frozen)
     dec = {'encoder_input_tokens': batches[0]['encoder_input_tokens'],
            'decoder_input_tokens': np.zeros((batch_size, spec['decode_tokens']), np.int32)}
     t0 = time.perf_counter()
@@ -476,10 +448,7 @@ def run_theirs(spec: Dict[str, Any]) -> Dict[str, Any]:
     train_s = time.perf_counter() - t0
     phases['after_train'] = _proc_status()
     out.update({
-        'first_step_s': first_step_s, 'warmup_steps_s': warmup_s,
-        'train_steps': spec['steps'], 'train_s': train_s,
-        'train_examples_per_s': spec['steps'] * batch_size / train_s,
-        'loss_first': losses[0], 'loss_last': losses[-1],
+        **_train_timings(first_step_s, warmup_s, spec['steps'], train_s, batch_size, losses),
     })
     del opt
 

@@ -221,13 +221,10 @@ def run(argv: Optional[Sequence[str]] = None) -> int:
     return list_tasks(args.filter)
   if args.command in EXTRA_COMMANDS:
     return importlib.import_module(EXTRA_COMMANDS[args.command]).run(args, bindings)
-  if args.coordinator_address or args.multiprocess_gpu or args.process_count:
-    from prompt_transfer import partitioning  # pylint: disable=g-import-not-at-top
-    partitioning.initialize_distributed(args.coordinator_address, args.process_count,
-                                        args.process_index)
-  else:
-    from prompt_transfer import partitioning  # pylint: disable=g-import-not-at-top
-    partitioning.initialize_distributed()  # Cloud TPU: discovered automatically
+  from prompt_transfer import partitioning  # pylint: disable=g-import-not-at-top
+  # No coordinator: a single process, or a Cloud TPU VM that JAX discovers itself.
+  partitioning.initialize_distributed(args.coordinator_address, args.process_count,
+                                      args.process_index)
   import_modules(args.module_import)
   parse_gin(args, bindings, args.command)
   _configure_tasks()

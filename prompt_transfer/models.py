@@ -14,7 +14,6 @@ from typing import Any, Callable, Mapping, Optional, Tuple
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from prompt_transfer import decoding
 from prompt_transfer.config import T5Config
@@ -42,10 +41,6 @@ class EncoderDecoderModel:
     # Compiled once per batch shape; callers may still wrap them in their own jit.
     self._predict_jit = jax.jit(self._predict, static_argnames=('num_decodes',))
     self._score_jit = jax.jit(self._score)
-
-  @property
-  def prompt_length(self) -> int:
-    return getattr(self, '_prompt_length', 0)
 
   # ---- parameters -----------------------------------------------------------
   def _dummy_batch(self, batch_size: int = 1, input_len: int = 4, target_len: int = 4):
@@ -211,9 +206,7 @@ def build_model(config: T5Config, prompt_length: int = 0,
     prompt_factory = functools.partial(Prompt, length=prompt_length,
                                        init=prompt_init or random_uniform())
   module = Transformer(config, prompt=prompt_factory)
-  model = EncoderDecoderModel(config, module, vocabulary, **model_kwargs)
-  model._prompt_length = prompt_length
-  return model
+  return EncoderDecoderModel(config, module, vocabulary, **model_kwargs)
 
 
 def get_prompt(params: Params) -> Optional[Params]:

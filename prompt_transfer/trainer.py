@@ -13,16 +13,13 @@ import json
 import math
 import os
 import re
-import sys
 import time
 from typing import Any, Callable, Mapping, Optional, Tuple
 
 import gin
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
-import flax.linen as nn
 from etils import epath
 from flax import traverse_util
 
@@ -102,6 +99,25 @@ def merge_params(trainable: Mapping, frozen: Mapping) -> dict:
   flat = traverse_util.flatten_dict(dict(frozen), sep='/')
   flat.update(traverse_util.flatten_dict(dict(trainable), sep='/'))
   return traverse_util.unflatten_dict(flat, sep='/')
+
+
+def make_train_step(model: EncoderDecoderModel, tx: optax.GradientTransformation,
+                    use_dropout: bool = True) -> Callable:
+  """(state, frozen, batch, dropout_rng) -> (state, metrics), not yet jitted.
+
+  The gradient is taken w.r.t. state['trainable'] only: the frozen weights get
+  neither gradients nor optimizer state.
+  """
+  def train_step(state, frozen, batch, dropout_rng):
+    def loss_fn(trainable):
+      return model.loss_fn(merge_params(trainable, frozen), batch,
+                           dropout_rng if use_dropout else None)
+    (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state['trainable'])
+    updates, opt_state = tx.update(grads, state['opt_state'], state['trainable'])
+    trainable = optax.apply_updates(state['trainable'], updates)
+    metrics['grad_norm'] = optax.tree.norm(grads)
+    return {'step': state['step'] + 1, 'trainable': trainable, 'opt_state': opt_state}, metrics
+  return train_step
 
 
 # ---------------------------------------------------------------------------
@@ -365,15 +381,7 @@ def train(
     save(0, state)  # the initial prompt: checkpoint_0
 
   # The step: gradient of the loss w.r.t. the trainable subtree only.
-  def train_step(state, frozen, batch, dropout_rng):
-    def loss_fn(trainable):
-      return model.loss_fn(merge_params(trainable, frozen), batch,
-                           dropout_rng if use_dropout else None)
-    (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state['trainable'])
-    updates, opt_state = tx.update(grads, state['opt_state'], state['trainable'])
-    trainable = optax.apply_updates(state['trainable'], updates)
-    metrics['grad_norm'] = optax.tree.norm(grads)
-    return {'step': state['step'] + 1, 'trainable': trainable, 'opt_state': opt_state}, metrics
+  train_step = make_train_step(model, tx, use_dropout)
   # Donating the state lets XLA update the prompt and its slots in place.
   p_train_step = jax.jit(
       train_step, in_shardings=(state_sharding, frozen_sharding,

@@ -1,7 +1,5 @@
 """The Flax T5 and its prompt slot: internal consistency (parity with Hugging
 Face lives in test_hf_parity.py)."""
-import functools
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -190,10 +188,7 @@ def test_activation_capture_and_partial_models(plain):
   inter = model.capture_activations(params, batch)
   pre = inter['decoder']['layers_0']['mlp']['pre_activation'][0]
   assert pre.shape == (3, 3, model.config.mlp_dim)
-  first = 'wi_0' if model.config.is_gated else 'wi'
-  y = model.module.apply({'params': params}, ENC, method=model.module.encode)[0]
   assert inter['encoder']['layers_0']['mlp']['hidden'][0].shape == (3, 7, model.config.mlp_dim)
-  del y, first
   # A partial model: one encoder layer and half the FFN neurons, same config.
   keep = np.arange(model.config.mlp_dim // 2)
 
@@ -210,3 +205,20 @@ def test_activation_capture_and_partial_models(plain):
   inter = model.capture_activations(partial, batch)
   assert 'layers_1' not in inter['encoder']
   assert inter['encoder']['layers_0']['mlp']['hidden'][0].shape[-1] == len(keep)
+
+
+def test_remat_gives_the_same_loss_gradient_and_decode():
+  cfg = _cfg(dropout_rate=0.1)
+  plain, remat = build_model(cfg, prompt_length=3), build_model(cfg.replace(remat=True),
+                                                                  prompt_length=3)
+  params = plain.init_params(jax.random.PRNGKey(0))
+  prompt, frozen = split_prompt(params)
+  batch = {'encoder_input_tokens': ENC, 'decoder_input_tokens': DIN,
+           'decoder_target_tokens': TGT}
+  grads = [jax.jit(jax.grad(lambda q, m=m: m.loss_fn(merge_prompt(q, frozen), batch,
+                                                     jax.random.PRNGKey(1))[0]))(prompt)
+           for m in (plain, remat)]
+  np.testing.assert_allclose(grads[1]['prompt']['prompt'], grads[0]['prompt']['prompt'],
+                             rtol=1e-5, atol=1e-7)
+  dec = {'encoder_input_tokens': ENC, 'decoder_input_tokens': np.zeros((3, 5), np.int32)}
+  np.testing.assert_array_equal(remat.predict_batch(params, dec), plain.predict_batch(params, dec))

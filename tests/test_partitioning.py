@@ -5,7 +5,6 @@ distributed runtime are per process)."""
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time

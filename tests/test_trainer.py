@@ -3,7 +3,6 @@ resume equality, NaN handling."""
 import json
 import os
 
-import jax
 import numpy as np
 import pytest
 

@@ -23,10 +23,8 @@ is printed (pytest -rP) and was not stable across runs.
 """
 import json
 import os
-import tempfile
 
 import gin
-import jax
 import numpy as np
 import pytest
 
