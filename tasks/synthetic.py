@@ -3,8 +3,8 @@
 No data files: examples are generated deterministically from a seed, short
 (inputs <= 48 characters) so a tiny model on a CPU learns them in minutes.
 
-Families (one labelling rule each), every classification rule phrased by three
-templates with different label words:
+Families (one labelling rule each), every classification rule phrased by
+several templates:
 
 * `majority`: does a string over {a, b, c} hold more a's than b's?
 * `parity`: does a binary string hold an even number of 1s?
@@ -15,6 +15,13 @@ Tasks of one family share the rule, so a prompt trained on one should transfer
 to the others; across families the rules are unrelated. Label words recur
 across families (yes/no, true/false, negative/positive), so shared label words
 alone do not make tasks related.
+
+Task types (`TASK_TYPES`): what the SPoT and Prompt-Transferability papers
+call related tasks share both the rule and the verbalizer (sentiment tasks
+answer positive/negative, NLI tasks entailment/...). Each classification rule
+has one type of two templates with label words no other type uses:
+majority -> negative/positive (`posneg`, `mood`), parity -> odd/even
+(`evenodd`, `oddeven`), greater -> lower/higher (`higher`, `rank`).
 
 Names: `synthetic_<rule>_<template>` use `seqio.ByteVocabulary()` (no
 SentencePiece file; the quick-start's tiny model); `..._t5` twins use the T5
@@ -97,16 +104,20 @@ RULES = {
         'yesno': ('more a than b? {s}', ('no', 'yes')),
         'truefalse': ('{s} has more a than b:', ('false', 'true')),
         'posneg': ('a vs b mood: {s}', ('negative', 'positive')),
+        'mood': ('mood of {s} if a is good, b bad:', ('negative', 'positive')),
     }, 'more a than b in the string'),
     'parity': Rule(_parity, {
         'yesno': ('even number of 1s? {s}', ('no', 'yes')),
         'truefalse': ('{s} has an even count of 1s:', ('false', 'true')),
         'evenodd': ('parity of {s}:', ('odd', 'even')),
+        'oddeven': ('is the 1-count of {s} odd or even?', ('odd', 'even')),
     }, 'even number of 1s in a binary string'),
     'greater': Rule(_greater, {
         'yesno': ('is {x} more than {y}?', ('no', 'yes')),
         'truefalse': ('{x} > {y}:', ('false', 'true')),
         'posneg': ('compare {x} to {y}:', ('negative', 'positive')),
+        'higher': ('{x} vs {y}:', ('lower', 'higher')),
+        'rank': ('rank {x} against {y}:', ('lower', 'higher')),
     }, 'first number larger than the second'),
     'copy': Rule(_copy, {'plain': ('copy: {s}', None)}, 'copy a string'),
     'reverse': Rule(_reverse, {'plain': ('reverse: {s}', None)},
@@ -132,6 +143,13 @@ for _rule, _r in RULES.items():
 LABEL_WORDS: dict[str, Optional[tuple[str, ...]]] = {
     name: RULES[r].templates[t][1] for name, (r, t) in _SPEC.items()}
 
+# Task types: same rule and same verbalizer, other phrasing (see the docstring).
+TASK_TYPES: dict[str, list[str]] = {
+    'majority': [task_name('majority', 'posneg'), task_name('majority', 'mood')],
+    'parity': [task_name('parity', 'evenodd'), task_name('parity', 'oddeven')],
+    'greater': [task_name('greater', 'higher'), task_name('greater', 'rank')],
+}
+
 # The README demo: train a prompt on the source, transfer it to the target
 # (same rule, other phrasing and label words).
 QUICKSTART_SOURCE = 'synthetic_majority_yesno'
@@ -146,6 +164,16 @@ def family_of(name: str) -> str:
 def related(a: str, b: str) -> bool:
   """True when two synthetic tasks share their labelling rule."""
   return family_of(a) == family_of(b)
+
+
+def same_type(a: str, b: str) -> bool:
+  """True when two synthetic tasks share rule and label words (one task type)."""
+  return related(a, b) and LABEL_WORDS[_base(a)] == LABEL_WORDS[_base(b)]
+
+
+def _base(name: str) -> str:
+  _spec(name)
+  return name[:-len(T5_SUFFIX)] if name.endswith(T5_SUFFIX) else name
 
 
 def _spec(name: str) -> tuple[str, str]:

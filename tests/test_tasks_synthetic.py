@@ -39,9 +39,9 @@ def test_family_structure():
   assert set(synthetic.FAMILIES) == set(CLASSIFICATION_RULES) | {'copy', 'reverse'}
   for rule in CLASSIFICATION_RULES:
     names = synthetic.FAMILIES[rule]
-    assert len(names) == 3
+    assert len(names) >= 4
     words = [tuple(synthetic.LABEL_WORDS[n]) for n in names]
-    assert len(set(words)) == 3  # Same rule, three sets of label words.
+    assert len(set(words)) >= 3  # Same rule, at least three sets of label words.
     for n in names:
       assert n.startswith(f'synthetic_{rule}_')
       assert tasks.get_label_words(n) == list(synthetic.LABEL_WORDS[n])
@@ -58,6 +58,21 @@ def test_family_structure():
   assert not synthetic.related('synthetic_majority_yesno', 'synthetic_parity_yesno')
   assert {k: [n + '_t5' for n in v] for k, v in synthetic.FAMILIES.items()} == (
       synthetic.FAMILIES_T5)
+
+
+def test_task_types_share_rule_and_words_no_other_type_uses():
+  assert set(synthetic.TASK_TYPES) == set(CLASSIFICATION_RULES)
+  for rule, names in synthetic.TASK_TYPES.items():
+    assert len(names) == 2 and all(synthetic.family_of(n) == rule for n in names)
+    words = {synthetic.LABEL_WORDS[n] for n in names}
+    assert len(words) == 1 and synthetic.same_type(*names)
+    assert synthetic.same_type(names[0], names[1] + '_t5')
+    # The type's verbalizer is used by no other type.
+    others = {synthetic.LABEL_WORDS[n] for r, ns in synthetic.TASK_TYPES.items() if r != rule
+              for n in ns}
+    assert not words & others
+  assert not synthetic.same_type('synthetic_majority_yesno', 'synthetic_majority_posneg')
+  assert not synthetic.same_type('synthetic_majority_yesno', 'synthetic_parity_yesno')
 
 
 def test_quickstart_pair():

@@ -1,25 +1,37 @@
-"""Prompt transfer end to end on the tiny model: train three synthetic prompts
+"""Prompt transfer end to end on the tiny model: train six synthetic prompts
 with `trainer.train`, compare them (embedding metrics, activated-neuron
-overlap), evaluate every prompt on every task (`t5x transfer-matrix`) and check
-the Google numpy layout.
+overlap), evaluate prompts on tasks (`t5x transfer-matrix`) and check the
+Google numpy layout.
 
-Tasks: A = majority_yesno, B = majority_truefalse (A's family: same rule, other
-template and label words), C = parity_yesno (another rule, A's label words).
-The frozen model is the packaged pretrained tiny T5 when present
-(prompt_transfer/assets/t5_1_1_tiny_synthetic), else the seeded random tiny T5.
+Related tasks here are what the SPoT and Prompt-Transferability papers call
+tasks of one type: the same labelling rule AND the same verbalizer (label
+words), phrased differently (tasks.synthetic.TASK_TYPES: majority ->
+negative/positive, parity -> odd/even, greater -> lower/higher; two templates
+each). Unrelated tasks differ in both. The frozen model is the packaged
+pretrained tiny T5 (prompt_transfer/assets/t5_1_1_tiny_synthetic) when present,
+else the seeded random tiny T5.
 
-What the indicators measure after a few steps (measured while writing these
-tests, 9 synthetic tasks of 3 families, 30-120 steps, prompt length 20): over
-all (target, same-family source, other-family source) triples a same-family
-source ranks first in only 30-53% of triples for every embedding metric and
-for ON, on the random and on a model-tuned tiny T5 alike, i.e. chance; what
-they follow is the shared LABEL WORDS (a source with the target's label words
-ranks above one without in 53-100% of triples; 77-100% for ON on decoder
-layers). For the triple used here the token-cosine metrics rank B's family
-member A above C in every run measured (both models, 30-120 steps; the
-majority templates share the phrase "more a than b"), and on the random model
-A's label-word twin C above A's family member B. Those are asserted; the rest
-is printed (pytest -rP) and was not stable across runs.
+Measured while writing this test (this configuration: 40 steps, batch 16,
+prompt length 10, same initial prompt for every task; training seeds 0-3), over
+the 6 targets x (1 related, 4 unrelated) sources: the cosine metrics put the
+related source above every unrelated one for 4-6 of 6 targets and order 22-24
+of the 24 (related, unrelated) pairs right; ON on decoder layers (the authors'
+probe) 5-6 of 6 and 23-24 of 24. The Euclidean metrics do not (2-3 of 6, 14-20
+of 24): they follow how far a prompt travelled, and the hardest rule
+(`greater`) moves its prompts furthest from every other prompt, its own twin
+included. Divided by each prompt's mean token norm first (`t5x similarity
+--normalize=scale`) they rank like the cosines: 4-6 of 6 and 22-24 of 24 flat,
+6 of 6 and 24 of 24 per token. Asserted with a margin (related first for at
+least 3 of 6 targets and at least 85% of pairs right; chance is 1 in 5 and
+half): the four cosine metrics, both Euclidean metrics after scale
+normalisation, ON on decoder layers. Everything is printed (pytest -rP).
+
+What the indicators do NOT separate on this model: the rule alone. With the
+label words held equal across rules (every task answering yes/no), the same
+measurement gave 33-83% related-first for the cosine metrics and chance for ON,
+and with label words crossed (same rule, other words vs other rule, same words)
+the shared label words win. The earlier `synthetic_<rule>_{yesno,truefalse}`
+families remain for that contrast and for the quick-start.
 """
 import json
 import os
@@ -29,6 +41,7 @@ import numpy as np
 import pytest
 
 import tasks  # noqa: F401  (registers the synthetic tasks)
+from tasks import synthetic
 from prompt_transfer import cli, evaluation, library, neurons, prompts, trainer
 from prompt_transfer import similarity as S
 from prompt_transfer.config import get_config
@@ -41,8 +54,10 @@ GOOGLE_SST2 = os.path.join(os.path.dirname(REPO), 'shared', 'data', 'google_prom
 # variable points the test at another Hugging Face T5 directory.
 ASSET = os.environ.get('PROMPT_TRANSFER_TEST_TINY_ASSET') or os.path.join(
     REPO, 'prompt_transfer', 'assets', 't5_1_1_tiny_synthetic')
-A, B, C = 'synthetic_majority_yesno', 'synthetic_majority_truefalse', 'synthetic_parity_yesno'
-TASKS = (A, B, C)
+# A and B: one task type (majority rule, negative/positive); C another type.
+A, B, C = 'synthetic_majority_posneg', 'synthetic_majority_mood', 'synthetic_parity_evenodd'
+TASKS = (A, B, C)  # the transfer matrix's tasks
+FAMILY = tuple(n for names in synthetic.TASK_TYPES.values() for n in names)  # prompts trained
 LENGTHS = {'inputs': 64, 'targets': 12}
 PROMPT_LENGTH = 10
 STEPS = 40
@@ -68,7 +83,7 @@ def trained(tmp_path_factory):
   root = tmp_path_factory.mktemp('transfer')
   config, ckpt, gin_file = _setup()
   runs = {}
-  for task in TASKS:
+  for task in FAMILY:
     runs[task] = str(root / 'runs' / task)
     # Same seed: every prompt starts from the same initial array, so their
     # differences come from the tasks alone.
@@ -93,7 +108,7 @@ def test_google_layout_round_trip(trained):
   assert plain.shape == (PROMPT_LENGTH, trained['config'].emb_dim) and plain.dtype == np.float32
   np.testing.assert_array_equal(prompts.load_prompt_file(path), plain)
   lib = library.load_library(trained['root'] / 'runs')
-  assert sorted(lib) == sorted(TASKS)
+  assert sorted(lib) == sorted(FAMILY)
   array, info = lib[A]
   np.testing.assert_array_equal(array, plain)
   assert info.step == STEPS and info.model['emb_dim'] == trained['config'].emb_dim
@@ -109,8 +124,10 @@ def test_google_layout_round_trip(trained):
 
 def _indicators(trained) -> tuple:
   lib = library.load_library(trained['root'] / 'runs')
-  arrays = {t: lib[t][0] for t in TASKS}
+  arrays = {t: lib[t][0] for t in FAMILY}
   values = {m: S.similarity_matrix(arrays, m) for m in S.METRICS}
+  for m in ('flat_euclidean', 'per_token_euclidean'):  # `t5x similarity --normalize=scale`
+    values[f'{m}[scale]'] = S.similarity_matrix(arrays, m, 'scale')
   for stack in ('decoder', 'encoder'):
     patterns = neurons.activation_patterns(trained['model'], trained['frozen'], arrays,
                                            stack=stack)
@@ -119,35 +136,46 @@ def _indicators(trained) -> tuple:
 
 
 def _higher(metric: str) -> bool:
-  return metric.startswith('neuron_overlap') or S.METRICS[metric].higher_is_better
+  return (metric.startswith('neuron_overlap') or
+          S.METRICS[metric.split('[')[0]].higher_is_better)
+
+
+def _ranking_quality(names: list, v: np.ndarray, higher: bool) -> tuple:
+  """(targets whose related source beats every unrelated one, (related,
+  unrelated) pairs ordered right, number of pairs)."""
+  first = right = pairs = 0
+  for i, target in enumerate(names):
+    score = lambda j: v[i, j] if higher else -v[i, j]  # pylint: disable=cell-var-from-loop
+    rel = [j for j, n in enumerate(names) if j != i and synthetic.same_type(target, n)]
+    unrel = [j for j, n in enumerate(names) if not synthetic.same_type(target, n)]
+    first += all(score(r) > max(score(u) for u in unrel) for r in rel)
+    right += sum(score(r) > score(u) for r in rel for u in unrel)
+    pairs += len(rel) * len(unrel)
+  return first, right, pairs
 
 
 def test_indicators_rank_related_source_first(trained):
-  """Target B: its family's A ranks above C (neither shares B's label words)
-  under the token-cosine metrics. Target A on the random model: C, which
-  shares A's label words, ranks above A's family member B (the label-word
-  effect; reported, and asserted only for the random model, where it held in
-  every measured run). Other metrics and ON are printed, not asserted: they
-  varied between runs (see the module docstring)."""
+  """For each of the six targets, its one same-type source against the four
+  other-type sources: the cosine metrics, the scale-normalised Euclidean
+  metrics and ON (decoder layers, the authors' probe) rank the related source
+  first. Thresholds leave a margin below what was measured (module docstring)."""
   names, values = _indicators(trained)
-  a, b, c = (names.index(t) for t in TASKS)
-  pretrained = trained['ckpt'] is not None
-  lines = [f'frozen model: {"pretrained asset" if pretrained else "random tiny T5"}, '
+  lines = [f'frozen model: {"pretrained asset" if trained["ckpt"] else "random tiny T5"}, '
            f'{STEPS} steps, prompt length {PROMPT_LENGTH}',
-           f'{"indicator":<24} {"B:A(fam)":>9} {"B:C(other)":>10} {"A:B(fam)":>9} '
-           f'{"A:C(labels)":>11}  B ranks A first']
+           f'{"indicator":<28} {"related first":>13} {"pairs right":>11}']
+  quality = {}
   for m, v in values.items():
-    first = (v[b, a] > v[b, c]) == _higher(m)
-    lines.append(f'{m:<24} {v[b, a]:>9.4f} {v[b, c]:>10.4f} {v[a, b]:>9.4f} {v[a, c]:>11.4f}'
-                 f'  {first}')
+    quality[m] = _ranking_quality(names, v, _higher(m))
+    first, right, pairs = quality[m]
+    lines.append(f'{m:<28} {first:>11}/{len(names)} {right:>8}/{pairs}')
   report = '\n'.join(lines)
   print('\n' + report)
-  cosines = ('avg_token_cosine', 'per_token_cosine', 'per_token_max_cosine')
-  for m in cosines:
-    assert values[m][b, a] > values[m][b, c], (m, report)
-  if not pretrained:
-    for m in cosines + ('neuron_overlap_decoder',):
-      assert values[m][a, c] > values[m][a, b], (m, report)
+  if not trained['ckpt']:
+    pytest.skip('thresholds were measured on the packaged pretrained tiny T5')
+  for m in ('avg_token_cosine', 'per_token_cosine', 'per_token_max_cosine', 'flat_cosine',
+            'flat_euclidean[scale]', 'per_token_euclidean[scale]', 'neuron_overlap_decoder'):
+    first, right, pairs = quality[m]
+    assert first >= 3 and right >= 0.85 * pairs, (m, report)
 
 
 @pytest.fixture(scope='module')
