@@ -40,8 +40,12 @@ class T5Config:
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
   float32_attention_logits: bool = True
-  # Rematerialise each layer in the backward pass (saves memory on accelerators).
+  # Rematerialise each layer in the backward pass (saves activation memory).
   remat: bool = False
+  # What remat keeps (network.REMAT_POLICIES): 'dots' keeps the outputs of the
+  # weight projections and recomputes the cheap rest (layer norms, softmax,
+  # GELU, dropout masks); 'nothing' recomputes the whole layer.
+  remat_policy: str = 'dots'
   name: str = 't5'
 
   def replace(self, **changes: Any) -> 'T5Config':

@@ -78,8 +78,13 @@ class EncoderDecoderModel:
     def init(params, rng):
       _, variables = self.module.apply({'params': params}, enc, dec, tgt,
                                        rngs={'params': rng}, mutable=['params'])
-      return nn.unbox(variables['params'])
-    return init(params, rng)
+      # Only the new subtree leaves the jit: returning the whole tree would
+      # copy every frozen weight into fresh output buffers.
+      return nn.unbox(variables['params'])['encoder'].get('prompt')
+    prompt = init(params, rng)
+    if prompt is not None:
+      params['encoder'] = {**params['encoder'], 'prompt': prompt}
+    return params
 
   # ---- training -------------------------------------------------------------
   def loss_fn(self, params: Params, batch: Batch, dropout_rng: Optional[Array]

@@ -169,21 +169,28 @@ class MultiHeadAttention(nn.Module):
                               dtype=cfg.dtype, param_dtype=cfg.param_dtype)
     q = dense(name='query', kernel_init=query_init)(inputs_q).reshape(b, -1, h, d)
 
+    # Decoding caches keep keys/values heads-major, [b, h, len, d]: the layout
+    # the attention dots read, so no step re-transposes a whole cache (that
+    # copy cost about half of the CPU decode time when caches were [b, len, h, d]).
+    heads_major = decode or cache_kv_once
     if cache_kv_once and self.has_variable('cache', 'cached_key'):
-      k = self.get_variable('cache', 'cached_key')
+      k = self.get_variable('cache', 'cached_key')  # [b, h, k, d]
       v = self.get_variable('cache', 'cached_value')
     else:
-      k = dense(name='key')(inputs_kv).reshape(b, -1, h, d)
+      k = dense(name='key')(inputs_kv).reshape(b, -1, h, d)  # [b, k, h, d]
       v = dense(name='value')(inputs_kv).reshape(b, -1, h, d)
+      if heads_major:
+        k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [b, h, k, d]
       if cache_kv_once and self.is_mutable_collection('cache'):
         self.put_variable('cache', 'cached_key', k)
         self.put_variable('cache', 'cached_value', v)
+    kv_axes = (BATCH, HEADS, LENGTH, KV) if heads_major else (BATCH, LENGTH, HEADS, KV)
     q = _constrain(q, (BATCH, LENGTH, HEADS, KV))
-    k = _constrain(k, (BATCH, LENGTH, HEADS, KV))
-    v = _constrain(v, (BATCH, LENGTH, HEADS, KV))
+    k = _constrain(k, kv_axes)
+    v = _constrain(v, kv_axes)
 
     if decode:
-      # Self-attention cache: [b, max_len, h, d] keys and values.
+      # Self-attention cache: [b, h, max_len, d] keys and values.
       is_initialized = self.has_variable('cache', 'cached_key')
       cached_key = self.variable('cache', 'cached_key', jnp.zeros, k.shape, k.dtype)
       cached_value = self.variable('cache', 'cached_value', jnp.zeros, v.shape, v.dtype)
@@ -191,16 +198,17 @@ class MultiHeadAttention(nn.Module):
                                   lambda: jnp.array(0, dtype=jnp.int32))
       if is_initialized:
         idx = cache_index.value
-        k = jax.lax.dynamic_update_slice(cached_key.value, k, (0, idx, 0, 0))
-        v = jax.lax.dynamic_update_slice(cached_value.value, v, (0, idx, 0, 0))
+        k = jax.lax.dynamic_update_slice(cached_key.value, k, (0, 0, idx, 0))
+        v = jax.lax.dynamic_update_slice(cached_value.value, v, (0, 0, idx, 0))
         cached_key.value, cached_value.value = k, v
         cache_index.value = idx + 1
         # Only keys at or before the current position are visible.
-        visible = jnp.arange(k.shape[1]) <= idx
-        mask = jnp.broadcast_to(visible[None, None, None, :], (b, 1, 1, k.shape[1]))
+        visible = jnp.arange(k.shape[2]) <= idx
+        mask = jnp.broadcast_to(visible[None, None, None, :], (b, 1, 1, k.shape[2]))
 
+    kv = 'bhkd' if heads_major else 'bkhd'
     logits_dtype = jnp.float32 if cfg.float32_attention_logits else cfg.dtype
-    logits = jnp.einsum('bqhd,bkhd->bhqk', q.astype(logits_dtype), k.astype(logits_dtype))
+    logits = jnp.einsum(f'bqhd,{kv}->bhqk', q.astype(logits_dtype), k.astype(logits_dtype))
     if bias is not None:
       logits = logits + bias.astype(logits_dtype)
     if mask is not None:
@@ -208,7 +216,7 @@ class MultiHeadAttention(nn.Module):
     weights = jax.nn.softmax(logits, axis=-1).astype(cfg.dtype)
     if enable_dropout and cfg.dropout_rate > 0:
       weights = nn.Dropout(cfg.dropout_rate, broadcast_dims=())(weights, deterministic=False)
-    out = jnp.einsum('bhqk,bkhd->bqhd', weights, v.astype(cfg.dtype)).reshape(b, -1, h * d)
+    out = jnp.einsum(f'bhqk,{kv}->bqhd', weights, v.astype(cfg.dtype)).reshape(b, -1, h * d)
     return Dense(cfg.emb_dim, (JOINED_KV, EMBED), name='out', dtype=cfg.dtype,
                  param_dtype=cfg.param_dtype)(out)
 
@@ -308,11 +316,25 @@ def _num_layers(module: nn.Module, default: int) -> int:
   return len(names) if names else default
 
 
+# config.remat_policy -> jax.checkpoint policy. 'dots' saves only the
+# projections against weights (no batch dims), so the backward pass recomputes
+# elementwise work and the small attention dots, not the matmuls.
+REMAT_POLICIES = {
+    'dots': jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    'nothing': jax.checkpoint_policies.nothing_saveable,
+}
+
+
 def _layer_cls(cfg: T5Config, cls: type) -> type:
   # Recompute activations in the backward pass instead of storing them.
+  if not cfg.remat:
+    return cls
+  if cfg.remat_policy not in REMAT_POLICIES:
+    raise ValueError(f'remat_policy must be one of {sorted(REMAT_POLICIES)}; '
+                     f'got {cfg.remat_policy!r}.')
   # static_argnums count `self` as 0: the Python bools enable_dropout (and decode).
-  return nn.remat(cls, static_argnums=(6, 7) if cls is DecoderLayer else (4,)) \
-      if cfg.remat else cls
+  return nn.remat(cls, static_argnums=(6, 7) if cls is DecoderLayer else (4,),
+                  policy=REMAT_POLICIES[cfg.remat_policy])
 
 
 class Encoder(nn.Module):

@@ -32,6 +32,7 @@ from prompt_transfer.config import T5Config, get_config
 from prompt_transfer.models import EncoderDecoderModel, Params, build_model
 
 PROMPT_PARAMS = 'encoder/prompt/.*'
+RNG_IMPLS = ('threefry', 'rbg', 'unsafe_rbg')
 
 
 class TrainingError(RuntimeError):
@@ -280,6 +281,7 @@ def train(
     num_partitions: int = 1,
     mesh_shape: Optional[Tuple[int, int]] = None,
     host_data_sharding: str = 'seqio',
+    rng_impl: str = 'threefry',
 ) -> dict:
   """Trains the prompt (or any parameters matching `trainable_params`).
 
@@ -295,6 +297,11 @@ def train(
   `checkpoint_period` steps and at the end, resumes from MODEL_DIR when it
   holds a checkpoint, logs to metrics.jsonl and TensorBoard. Returns the last
   logged metrics (with eval metrics if any).
+
+  rng_impl: the dropout key's PRNG ('threefry', JAX's default and the same on
+  every backend and mesh; 'rbg' or 'unsafe_rbg': XLA's RngBitGenerator, T5X's
+  `use_hardware_rng`, cheaper to compile and run but its bits may differ
+  between backends and shardings).
   """
   model_dir = ckpt_lib.normalize_dir(model_dir)  # local or gs://
   epath.Path(model_dir).mkdir(parents=True, exist_ok=True)
@@ -316,6 +323,8 @@ def train(
 
   # Frozen weights, then the prompt initialised against them (a from_file
   # prompt of the wrong shape fails here, before any training).
+  if rng_impl not in RNG_IMPLS:
+    raise TrainingError(f'rng_impl must be one of {RNG_IMPLS}; got {rng_impl!r}.')
   rng = jax.random.PRNGKey(seed)
   params = load_frozen_params(model, checkpoint_path, model_seed)
   if prompt_length > 0 or prompt_module is not None:
@@ -333,7 +342,8 @@ def train(
   axes = model.param_logical_axes()
   train_axes, frozen_axes = partition_params(axes, trainable_params)
   frozen_sharding = partitioning.logical_shardings(mesh, frozen_axes)
-  frozen = partitioning.put(frozen, frozen_sharding)
+  frozen = partitioning.put_consuming(frozen, frozen_sharding)  # one copy at a time
+  partitioning.release_host_memory()
   trainable_sharding = partitioning.logical_shardings(mesh, train_axes)
   trainable = partitioning.put(trainable, trainable_sharding)
   log(f'mesh {dict(mesh.shape)} over {jax.device_count()} devices, '
@@ -382,6 +392,8 @@ def train(
 
   # The step: gradient of the loss w.r.t. the trainable subtree only.
   train_step = make_train_step(model, tx, use_dropout)
+  # Dropout keys: one per step, folded from the seed (a resume sees the same keys).
+  dropout_rng = rng if rng_impl == 'threefry' else jax.random.key(seed, impl=rng_impl)
   # Donating the state lets XLA update the prompt and its slots in place.
   p_train_step = jax.jit(
       train_step, in_shardings=(state_sharding, frozen_sharding,
@@ -420,10 +432,12 @@ def train(
       batch = partitioning.global_batch({k: batch[k] for k in evaluation.MODEL_KEYS}, mesh)
       with partitioning.mesh_context(mesh):
         if step == start_step:
-          step_flops = perf.lowered_flops(p_train_step, state, frozen, batch, rng)
-        state, metrics = p_train_step(state, frozen, batch, jax.random.fold_in(rng, step))
+          step_flops = perf.lowered_flops(p_train_step, state, frozen, batch, dropout_rng)
+        state, metrics = p_train_step(state, frozen, batch,
+                                      jax.random.fold_in(dropout_rng, step))
       if step == start_step:
         compiles.__enter__()
+        partitioning.release_host_memory()  # what the compiler freed
       examples_since_log += batch_size
       done = step + 1
       # The first step is logged too: the loss before the prompt has moved.

@@ -207,10 +207,11 @@ def test_activation_capture_and_partial_models(plain):
   assert inter['encoder']['layers_0']['mlp']['hidden'][0].shape[-1] == len(keep)
 
 
-def test_remat_gives_the_same_loss_gradient_and_decode():
+@pytest.mark.parametrize('policy', ['dots', 'nothing'])
+def test_remat_gives_the_same_loss_gradient_and_decode(policy):
   cfg = _cfg(dropout_rate=0.1)
-  plain, remat = build_model(cfg, prompt_length=3), build_model(cfg.replace(remat=True),
-                                                                  prompt_length=3)
+  plain = build_model(cfg, prompt_length=3)
+  remat = build_model(cfg.replace(remat=True, remat_policy=policy), prompt_length=3)
   params = plain.init_params(jax.random.PRNGKey(0))
   prompt, frozen = split_prompt(params)
   batch = {'encoder_input_tokens': ENC, 'decoder_input_tokens': DIN,
@@ -222,3 +223,9 @@ def test_remat_gives_the_same_loss_gradient_and_decode():
                              rtol=1e-5, atol=1e-7)
   dec = {'encoder_input_tokens': ENC, 'decoder_input_tokens': np.zeros((3, 5), np.int32)}
   np.testing.assert_array_equal(remat.predict_batch(params, dec), plain.predict_batch(params, dec))
+
+
+def test_unknown_remat_policy_is_refused():
+  model = build_model(_cfg().replace(remat=True, remat_policy='everything'), prompt_length=3)
+  with pytest.raises(ValueError, match='remat_policy must be one of'):
+    model.init_params(jax.random.PRNGKey(0))

@@ -70,6 +70,22 @@ def test_resume_gives_the_same_prompt_as_a_straight_run(straight_run, tmp_path):
   assert [json.loads(l)['step'] for l in open(tmp_path / 'metrics.jsonl')] == [1, 5, 10, 15, 20]
 
 
+def test_rbg_dropout_keys_train_resume_and_differ_from_threefry(straight_run, tmp_path):
+  """rng_impl='rbg' (T5X's hardware RNG): same initial prompt, other dropout
+  masks, still learns, and a resumed run equals a straight one."""
+  straight, resumed = tmp_path / 'straight', tmp_path / 'resumed'
+  _train(straight, 20, rng_impl='rbg')
+  _train(resumed, 10, rng_impl='rbg')
+  _train(resumed, 20, rng_impl='rbg')
+  np.testing.assert_array_equal(_prompt(straight, 0), _prompt(straight_run, 0))
+  assert not np.allclose(_prompt(straight, 20), _prompt(straight_run, 20))
+  np.testing.assert_allclose(_prompt(resumed, 20), _prompt(straight, 20), rtol=1e-6, atol=1e-7)
+  losses = _losses(straight)
+  assert losses[-1] < losses[0]
+  with pytest.raises(trainer.TrainingError, match='rng_impl must be one of'):
+    _train(tmp_path / 'bad', 1, rng_impl='philox')
+
+
 def test_zero_steps_writes_the_initial_prompt(tmp_path):
   init = np.random.RandomState(0).randn(6, CONFIG.emb_dim).astype(np.float32)
   _train(tmp_path, 0, prompt=(6, prompts.from_array(init)))
