@@ -40,14 +40,14 @@ including EOS, identically on both sides.
 Ratios are ours/theirs per pair, then the median over pairs (for memory,
 lower is better; for throughput, higher is better).
 
---proto adds a third side to every pair, `ours_proto`: the same step with the
-changes proposed for trainer.py / network.py, prototyped here without touching
-them: dropout bits from an 'rbg' key (T5X's use_hardware_rng), per-layer remat
-saving only non-batched dot outputs (jax.checkpoint_policies.
-dots_with_no_batch_dims_saveable) with XLA's concurrency-optimised CPU
-scheduler off (it otherwise undoes the remat), and glibc malloc_trim after
-loading and after the first (compiling) step. Its ratios are reported as
-`ratios_proto` (vs theirs) and `ratios_proto_vs_ours`.
+--tuned adds a third side to every pair, `ours_tuned`: the same step with the
+trainer's speed/memory options on: `model_config.remat=True` (remat_policy
+'dots': keep the weight projections, recompute the rest) with the CPU scheduler
+flag `t5x` sets for remat (perf.use_remat_friendly_cpu_scheduler), and
+`train.rng_impl='rbg'` dropout keys. Its ratios are reported as `ratios_tuned`
+(vs theirs) and `ratios_tuned_vs_ours`. Both of our sides load like the
+trainer (only the prompt initialised in a jit, frozen weights moved to the
+device one at a time, malloc_trim after loading and after the compiling step).
 
 Timings on a shared machine are noisy: the load average before and after each
 run is recorded with it, and every number is a median over pairs.
@@ -223,51 +223,29 @@ def _train_timings(first_step_s: float, warmup_s: float, steps: int, train_s: fl
           'loss_first': losses[0], 'loss_last': losses[-1]}
 
 
-def _install_remat_policy() -> None:
-  """Prototype (bench only): remat each layer saving only non-batched dot outputs.
-
-  network._layer_cls applies nn.remat without a policy; this swaps in
-  jax.checkpoint_policies.dots_with_no_batch_dims_saveable, so the backward pass
-  keeps the projections and recomputes softmax, GELU, layer norms, dropout masks
-  and the attention dots, which are cheap.
-  """
-  import flax.linen as nn  # pylint: disable=g-import-not-at-top
-  import jax  # pylint: disable=g-import-not-at-top
-  from prompt_transfer import network  # pylint: disable=g-import-not-at-top
-  policy = jax.checkpoint_policies.dots_with_no_batch_dims_saveable
-
-  def layer_cls(cfg, cls):
-    if not cfg.remat:
-      return cls
-    static = (5, 6, 7) if cls is network.DecoderLayer else (4,)
-    return nn.remat(cls, static_argnums=static, policy=policy)
-  network._layer_cls = layer_cls  # pylint: disable=protected-access
-
-
-def _malloc_trim() -> bool:
-  """Returns freed heap memory to the OS (glibc); XLA's compiler leaves lots."""
-  try:
-    import ctypes  # pylint: disable=g-import-not-at-top
-    return bool(ctypes.CDLL('libc.so.6').malloc_trim(0))
-  except (OSError, AttributeError):
-    return False
-
-
-def _our_setup(hf_dir: str, prompt, remat: bool = False):
+def _our_setup(hf_dir: str, prompt, tuned: bool = False):
+  """Loads like trainer.train: prompt initialised against the loaded weights,
+  frozen weights moved to the device one array at a time."""
   import jax  # pylint: disable=g-import-not-at-top
   import optax  # pylint: disable=g-import-not-at-top
+  from prompt_transfer import partitioning  # pylint: disable=g-import-not-at-top
   from prompt_transfer.checkpoint_import import read_hf_checkpoint  # pylint: disable=g-import-not-at-top
   from prompt_transfer.models import build_model  # pylint: disable=g-import-not-at-top
   from prompt_transfer.prompts import from_array  # pylint: disable=g-import-not-at-top
   # The trainer's own helpers: importing trainer loads no TF, seqio or orbax.
   from prompt_transfer.trainer import partition_params  # pylint: disable=g-import-not-at-top
   config, host_params = read_hf_checkpoint(hf_dir)
-  if remat:
-    config = config.replace(remat=True)
+  if tuned:
+    config = config.replace(remat=True)  # remat_policy 'dots' (the default)
   model = build_model(config, prompt_length=prompt.shape[0], prompt_init=from_array(prompt))
   params = model.init_prompt(jax.random.PRNGKey(0), host_params)
   del host_params
   trainable, frozen = partition_params(params, PROMPT_PARAMS)
+  del params
+  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  frozen = partitioning.put_consuming(frozen, device)
+  trainable = partitioning.put(trainable, device)
+  partitioning.release_host_memory()
   # trainer.train's default optimizer (gin runs/prompt_tune.gin).
   tx = optax.adafactor(learning_rate=0.3, decay_rate=0.8, multiply_by_parameter_scale=False,
                        weight_decay_rate=1e-5, clipping_threshold=1.0)
@@ -275,31 +253,25 @@ def _our_setup(hf_dir: str, prompt, remat: bool = False):
 
 
 def run_ours(spec: Dict[str, Any]) -> Dict[str, Any]:
-  """Our side; spec['proto'] adds the changes proposed for the trainer/model."""
-  proto = bool(spec.get('proto'))
-  if proto:
-    # Lets remat actually lower the live set on CPU (the concurrency-optimised
-    # scheduler hoists recomputation back next to the forward pass).
-    os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
-                               ' --xla_cpu_enable_concurrency_optimized_scheduler=false').strip()
+  """Our side; spec['tuned'] turns on the trainer's speed/memory options."""
+  tuned = bool(spec.get('tuned'))
+  if tuned:  # what `t5x train --gin.model_config.remat=True` does before JAX starts
+    from prompt_transfer import perf as perf_lib  # pylint: disable=g-import-not-at-top
+    perf_lib.use_remat_friendly_cpu_scheduler()
   phases = {'start': _proc_status()}
   t_import = time.perf_counter()
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
-  from prompt_transfer import perf  # pylint: disable=g-import-not-at-top
+  from prompt_transfer import partitioning, perf  # pylint: disable=g-import-not-at-top
   from prompt_transfer.trainer import make_train_step, merge_params  # pylint: disable=g-import-not-at-top
   t_import = time.perf_counter() - t_import
   phases['after_import'] = _proc_status()
 
   t_load = time.perf_counter()
   prompt = np.load(spec['prompt'])
-  if proto:
-    _install_remat_policy()
-  model, trainable, frozen, tx = _our_setup(spec['hf_dir'], prompt, remat=proto)
+  model, trainable, frozen, tx = _our_setup(spec['hf_dir'], prompt, tuned=tuned)
   jax.block_until_ready((trainable, frozen))
-  if proto:
-    _malloc_trim()
   t_load = time.perf_counter() - t_load
   phases['after_load'] = _proc_status()
 
@@ -315,9 +287,9 @@ def run_ours(spec: Dict[str, Any]) -> Dict[str, Any]:
     state = {'step': jnp.zeros((), jnp.int32), 'trainable': trainable,
              'opt_state': tx.init(trainable)}
     del trainable
-    # proto: dropout bits from XLA's RngBitGenerator (T5X's use_hardware_rng)
-    # instead of threefry, whose unrolled rounds dominate compile time.
-    rng = (jax.random.key(spec['seed'], impl='rbg') if proto
+    # tuned: train.rng_impl='rbg', dropout bits from XLA's RngBitGenerator
+    # (T5X's use_hardware_rng) instead of threefry.
+    rng = (jax.random.key(spec['seed'], impl='rbg') if tuned
            else jax.random.PRNGKey(spec['seed']))
     losses = []
     t0 = time.perf_counter()
@@ -325,8 +297,7 @@ def run_ours(spec: Dict[str, Any]) -> Dict[str, Any]:
     losses.append(float(metrics['loss']))
     first_step_s = time.perf_counter() - t0
     phases['after_first_step'] = _proc_status()
-    if proto:
-      _malloc_trim()
+    partitioning.release_host_memory()  # as the trainer does after the first step
     t0 = time.perf_counter()
     for i in range(1, 1 + spec['warmup_steps']):
       state, metrics = step_fn(state, frozen, batches[i % n], jax.random.fold_in(rng, i))
@@ -366,7 +337,7 @@ def run_ours(spec: Dict[str, Any]) -> Dict[str, Any]:
                 'tokens': tokens.tolist()})
   phases['end'] = _proc_status()
   out.update({'import_s': t_import, 'load_s': t_load, 'rss_phases': phases,
-              'device': str(jax.devices()[0].device_kind), 'proto': proto})
+              'device': str(jax.devices()[0].device_kind), 'tuned': tuned})
   return out
 
 
@@ -563,13 +534,13 @@ def _agreement(a_runs: List[dict], b_runs: List[dict]) -> Optional[float]:
 
 def summarise(runs: Dict[str, List[dict]], flops: Optional[float],
               batch_size: int) -> Dict[str, Any]:
-  """Medians per side, ours/theirs ratios (and ours_proto/theirs, ours_proto/ours)."""
+  """Medians per side, ours/theirs ratios (and ours_tuned/theirs, ours_tuned/ours)."""
   med = {side: {k: _median(r, k) for k in METRICS} for side, r in runs.items()}
   out: Dict[str, Any] = {'median': med, 'ratios': _ratios(runs['ours'], runs['theirs']),
                          'decode_sequence_agreement': _agreement(runs['ours'], runs['theirs'])}
-  if 'ours_proto' in runs:
-    out['ratios_proto'] = _ratios(runs['ours_proto'], runs['theirs'])
-    out['ratios_proto_vs_ours'] = _ratios(runs['ours_proto'], runs['ours'])
+  if 'ours_tuned' in runs:
+    out['ratios_tuned'] = _ratios(runs['ours_tuned'], runs['theirs'])
+    out['ratios_tuned_vs_ours'] = _ratios(runs['ours_tuned'], runs['ours'])
   out['train_step_gflops'] = flops / 1e9 if flops else None
   # Same model and batch on every side: the same FLOPs per step (XLA's count).
   out['achieved_train_gflop_per_s'] = {
@@ -610,15 +581,15 @@ def main(argv: Optional[List[str]] = None) -> int:
                  help="AdamW's learning rate (PEFT's prompt-tuning examples use 3e-2)")
   p.add_argument('--seed', type=int, default=0)
   p.add_argument('--no-flops', action='store_true', help='skip the XLA FLOP count')
-  p.add_argument('--proto', action='store_true',
-                 help='add a third side per pair, ours_proto: our step with the changes '
-                      'proposed for the trainer (rbg dropout RNG, dots-saving remat, CPU '
-                      'scheduler flag, malloc_trim after load and compile)')
+  p.add_argument('--tuned', action='store_true',
+                 help="add a third side per pair, ours_tuned: the trainer's options "
+                      "model_config.remat=True (remat_policy 'dots', with the CPU scheduler "
+                      "flag the CLI sets) and train.rng_impl='rbg'")
   p.add_argument('--timeout', type=float, default=3600, help='seconds per worker')
   p.add_argument('--workdir', default=None, help='keep the exported models here')
   p.add_argument('--out', default=None, help='also write the JSON here')
   p.add_argument('--keep-tokens', action='store_true', help='keep decoded tokens in the JSON')
-  p.add_argument('--worker', choices=('ours', 'theirs', 'ours_proto'), help=argparse.SUPPRESS)
+  p.add_argument('--worker', choices=('ours', 'theirs', 'ours_tuned'), help=argparse.SUPPRESS)
   p.add_argument('--spec', help=argparse.SUPPRESS)
   p.add_argument('--result', help=argparse.SUPPRESS)
   args = p.parse_args(argv)
@@ -629,7 +600,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     if args.worker == 'theirs':
       result = run_theirs(spec)
     else:
-      result = run_ours(dict(spec, proto=args.worker == 'ours_proto'))
+      result = run_ours(dict(spec, tuned=args.worker == 'ours_tuned'))
     with open(args.result, 'w') as f:
       json.dump(result, f)
     return 0
@@ -659,7 +630,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             'warmup_steps': args.warmup_steps, 'decode_tokens': args.decode_tokens,
             'decode_reps': args.decode_reps, 'seed': args.seed, 'threads': threads,
             'torch_optim': args.torch_optim, 'adamw_lr': args.adamw_lr}
-    sides = ('ours', 'theirs') + (('ours_proto',) if args.proto else ())
+    sides = ('ours', 'theirs') + (('ours_tuned',) if args.tuned else ())
     runs: Dict[str, List[dict]] = {side: [] for side in sides}
     for pair in range(args.pairs):
       for side in sides:
@@ -673,8 +644,8 @@ def main(argv: Optional[List[str]] = None) -> int:
               f'load {r["loadavg_before"][0]:.2f}', file=sys.stderr)
     summary = summarise(runs, prep['train_step_flops'], args.batch)
     summary['targets_met'] = targets_met(summary['ratios'])
-    if args.proto:
-      summary['targets_met_proto'] = targets_met(summary['ratios_proto'])
+    if args.tuned:
+      summary['targets_met_tuned'] = targets_met(summary['ratios_tuned'])
     if not args.keep_tokens:
       for side_runs in runs.values():
         for r in side_runs:
@@ -693,7 +664,7 @@ def main(argv: Optional[List[str]] = None) -> int:
   parts = []
   fmt = lambda v: 'n/a' if v is None else f'{v:.2f}x'  # noqa: E731
   for name, r in report['configs'].items():
-    for label, key in (('', 'ratios'), (' proto', 'ratios_proto')):
+    for label, key in (('', 'ratios'), (' tuned', 'ratios_tuned')):
       if key in r:
         ra = r[key]
         parts.append(f'{name}{label}: train {fmt(ra["train_examples_per_s"]["median"])}, '

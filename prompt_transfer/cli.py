@@ -190,6 +190,14 @@ def _macro(name: str, default=None):
     return default
 
 
+def _binding(name: str, default=None):
+  import gin  # pylint: disable=g-import-not-at-top
+  try:
+    return gin.query_parameter(name)
+  except ValueError:
+    return default
+
+
 def import_modules(modules: Sequence[str]) -> None:
   for name in ['tasks'] + list(modules):
     try:
@@ -229,6 +237,9 @@ def run(argv: Optional[Sequence[str]] = None) -> int:
   parse_gin(args, bindings, args.command)
   _configure_tasks()
   import gin  # pylint: disable=g-import-not-at-top
+  if _binding('model_config.remat'):  # before the first computation starts the backend
+    from prompt_transfer import perf  # pylint: disable=g-import-not-at-top
+    perf.use_remat_friendly_cpu_scheduler()
   from prompt_transfer import evaluation, trainer  # pylint: disable=g-import-not-at-top
   entry: Callable = {'train': trainer.train, 'eval': evaluation.evaluate,
                      'infer': evaluation.infer}[args.command]

@@ -148,6 +148,8 @@ def _load_for_eval(model_dir: Optional[str], prompt_file: Optional[str], task_na
   params = trainer.load_frozen_params(model, checkpoint_path, model_seed)
   if init is not None:
     params = model.init_prompt(jax.random.PRNGKey(0), params)
+  # On the device once, not re-sent with every batch.
+  params = jax.device_put(params)
   return model, params, task, prompt_file or '(no prompt)'
 
 

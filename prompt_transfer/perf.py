@@ -16,6 +16,7 @@
 """
 from __future__ import annotations
 
+import os
 import re
 import threading
 from typing import Any, Callable, Dict, List, Optional, Tuple, Union
@@ -56,6 +57,28 @@ _PEAK_BF16_FLOPS: Tuple[Tuple[str, float], ...] = (
 # ---------------------------------------------------------------------------
 # FLOPs from XLA's cost analysis.
 # ---------------------------------------------------------------------------
+# XLA's concurrency-optimised CPU scheduler moves the recomputation remat
+# introduces back next to the forward pass, which undoes the memory saving
+# (measured on T5-small shape: peak RSS 1943 MB with it, 1592 MB without).
+# It is read from XLA_FLAGS when the backend starts; jit's per-call
+# compiler_options do not reach it.
+CPU_REMAT_XLA_FLAG = '--xla_cpu_enable_concurrency_optimized_scheduler=false'
+
+
+def use_remat_friendly_cpu_scheduler(environ: Any = None) -> bool:
+  """Adds CPU_REMAT_XLA_FLAG to XLA_FLAGS unless the user set that option.
+
+  Must run before JAX starts its backend; it only affects the CPU backend.
+  Returns True when the flag was added.
+  """
+  environ = os.environ if environ is None else environ
+  flags = environ.get('XLA_FLAGS', '')
+  if 'xla_cpu_enable_concurrency_optimized_scheduler' in flags:
+    return False
+  environ['XLA_FLAGS'] = f'{flags} {CPU_REMAT_XLA_FLAG}'.strip()
+  return True
+
+
 def _merge_cost(analysis: Any) -> Dict[str, float]:
   """cost_analysis() as one {metric: value} dict.
 

@@ -146,3 +146,53 @@ def test_sigkill_and_resume_finishes_with_the_same_prompt(trained, tmp_path):
   out = t5x('train', *QUICK, f'--gin.MODEL_DIR={d}').stdout
   assert 'resumed from' in out
   np.testing.assert_allclose(_prompt(d, 40), _prompt(trained, 40), rtol=1e-6, atol=1e-7)
+
+
+def test_remat_binding_sets_the_cpu_scheduler_flag_before_training(tmp_path, monkeypatch):
+  """--gin.model_config.remat=True adds perf.CPU_REMAT_XLA_FLAG to XLA_FLAGS
+  before the entry point runs (XLA reads it when the backend starts)."""
+  import gin  # pylint: disable=g-import-not-at-top
+  from prompt_transfer import perf, trainer  # pylint: disable=g-import-not-at-top
+  seen = {}
+  monkeypatch.setattr(trainer, 'train', lambda: seen.setdefault('flags', os.environ['XLA_FLAGS']))
+  for remat in (False, True):
+    monkeypatch.setenv('XLA_FLAGS', '--xla_force_host_platform_device_count=1')
+    seen.clear()
+    gin.clear_config()
+    try:
+      assert cli.run(['train', *QUICK, f'--gin.MODEL_DIR={str(tmp_path)!r}',
+                      f'--gin.model_config.remat={remat}']) == 0
+    finally:
+      gin.clear_config()
+    assert (perf.CPU_REMAT_XLA_FLAG in seen['flags']) == remat
+
+
+def test_spot_source_gin_trains_on_a_mixture_and_the_target_starts_from_it(tmp_path):
+  """runs/spot_source.gin (a mixture, Google's numpy layout) -> prompts/from_file.gin."""
+  import gin  # pylint: disable=g-import-not-at-top
+  source, target = str(tmp_path / 'source'), str(tmp_path / 'target')
+  model = ['--gin_file=models/t5_1_1_tiny_synthetic.gin', '--gin.PROMPT_LENGTH=6',
+           "--gin.TASK_FEATURE_LENGTHS={'inputs': 64, 'targets': 8}", '--gin.BATCH_SIZE=8',
+           '--gin.train.eval_period=None', '--gin.train.log_period=5']
+  try:
+    gin.clear_config()
+    assert cli.run(['train', '--gin_file=prompts/random_uniform.gin',
+                    '--gin_file=runs/spot_source.gin', *model, '--gin.TRAIN_STEPS=10',
+                    '--gin.train.checkpoint_period=5', f'--gin.MODEL_DIR={source!r}',
+                    "--gin.MIXTURE_OR_TASK_NAME='synthetic_mixture'"]) == 0
+    gin.clear_config()
+    src = os.path.join(source, 'numpy_checkpoints', 'checkpoint_10', PROMPT)
+    assert cli.run(['train', '--gin_file=prompts/from_file.gin', '--gin_file=runs/prompt_tune.gin',
+                    *model, '--gin.TRAIN_STEPS=0', f'--gin.PROMPT_FILE={src!r}',
+                    f'--gin.MODEL_DIR={target!r}',
+                    "--gin.MIXTURE_OR_TASK_NAME='synthetic_majority_truefalse'"]) == 0
+  finally:
+    gin.clear_config()
+  info = json.load(open(os.path.join(source, 'numpy_checkpoints', 'checkpoint_10',
+                                     'prompt_info.json')))
+  assert info['task'] == 'synthetic_mixture' and info['step'] == 10
+  # Every numpy checkpoint stays (a candidate source prompt).
+  assert sorted(os.listdir(os.path.join(source, 'numpy_checkpoints'))) == [
+      'checkpoint_0', 'checkpoint_10', 'checkpoint_5']
+  np.testing.assert_array_equal(_prompt(target, 0), _prompt(source, 10))
+  assert not np.array_equal(_prompt(source, 0), _prompt(source, 10))

@@ -95,3 +95,18 @@ def test_mfu_arithmetic():
       else pytest.approx(1e13 / perf.peak_flops_per_device()))
   with pytest.raises(ValueError):
     perf.mfu(1.0, 1.0, 0, peak_flops=1.0)
+
+
+def test_remat_friendly_cpu_scheduler_flag_is_added_once_and_respects_the_user():
+  env = {}
+  assert perf.use_remat_friendly_cpu_scheduler(env)
+  assert env['XLA_FLAGS'] == perf.CPU_REMAT_XLA_FLAG
+  assert not perf.use_remat_friendly_cpu_scheduler(env)  # already there
+  assert env['XLA_FLAGS'] == perf.CPU_REMAT_XLA_FLAG
+  env = {'XLA_FLAGS': '--xla_force_host_platform_device_count=8 '
+                      '--xla_cpu_enable_concurrency_optimized_scheduler=true'}
+  assert not perf.use_remat_friendly_cpu_scheduler(env)  # the user's choice wins
+  env = {'XLA_FLAGS': '--xla_force_host_platform_device_count=8'}
+  assert perf.use_remat_friendly_cpu_scheduler(env)
+  assert env['XLA_FLAGS'].split() == ['--xla_force_host_platform_device_count=8',
+                                      perf.CPU_REMAT_XLA_FLAG]
