@@ -21,7 +21,7 @@ call related tasks share both the rule and the verbalizer (sentiment tasks
 answer positive/negative, NLI tasks entailment/...). Each classification rule
 has one type of two templates with label words no other type uses:
 majority -> negative/positive (`posneg`, `mood`), parity -> odd/even
-(`evenodd`, `oddeven`), greater -> lower/higher (`higher`, `rank`).
+(`evenodd`, `oddeven`), greater -> lower/higher (`higher`, `versus`).
 
 Names: `synthetic_<rule>_<template>` use `seqio.ByteVocabulary()` (no
 SentencePiece file; the quick-start's tiny model); `..._t5` twins use the T5
@@ -117,7 +117,7 @@ RULES = {
         'truefalse': ('{x} > {y}:', ('false', 'true')),
         'posneg': ('compare {x} to {y}:', ('negative', 'positive')),
         'higher': ('{x} vs {y}:', ('lower', 'higher')),
-        'rank': ('rank {x} against {y}:', ('lower', 'higher')),
+        'versus': ('rank {x} against {y}:', ('lower', 'higher')),
     }, 'first number larger than the second'),
     'copy': Rule(_copy, {'plain': ('copy: {s}', None)}, 'copy a string'),
     'reverse': Rule(_reverse, {'plain': ('reverse: {s}', None)},
@@ -125,6 +125,8 @@ RULES = {
 }
 
 T5_SUFFIX = '_t5'
+# Template names must not end a task name in '_rank' (tasks.rank's twins).
+assert all(t != 'rank' for r in RULES.values() for t in r.templates)
 
 
 def task_name(rule: str, template: str, t5: bool = False) -> str:
@@ -147,7 +149,7 @@ LABEL_WORDS: dict[str, Optional[tuple[str, ...]]] = {
 TASK_TYPES: dict[str, list[str]] = {
     'majority': [task_name('majority', 'posneg'), task_name('majority', 'mood')],
     'parity': [task_name('parity', 'evenodd'), task_name('parity', 'oddeven')],
-    'greater': [task_name('greater', 'higher'), task_name('greater', 'rank')],
+    'greater': [task_name('greater', 'higher'), task_name('greater', 'versus')],
 }
 
 # The README demo: train a prompt on the source, transfer it to the target
