@@ -87,9 +87,19 @@ def run_evaluation(evaluator: Any, model: EncoderDecoderModel, params: Params,
   return flat
 
 
+def _is_rank_task(task: Any) -> bool:
+  """A rank-classification twin: scored candidates, nothing to decode."""
+  return bool(getattr(task, 'score_metric_fns', None)) and not task.predict_metric_fns
+
+
 def write_predictions(path: str, evaluator: Any, model: EncoderDecoderModel,
                       params: Params, batch_size: int, num_decodes: int = 1) -> int:
-  """Decodes every eval example of every task and writes JSON lines."""
+  """Writes JSON lines {task, inputs, targets, prediction}, one per example.
+
+  Generation tasks are decoded. Rank twins (`<task>_rank`) are scored instead:
+  one line per original example (not per candidate row) whose prediction is
+  the best-scoring label word, with every candidate's log-likelihood.
+  """
   written = 0
   tmp = f'{path}.tmp-{os.getpid()}'
   with open(tmp, 'w') as f:
@@ -97,8 +107,24 @@ def write_predictions(path: str, evaluator: Any, model: EncoderDecoderModel,
       ds = evaluator.cached_model_datasets[task.name]
       vocab = task.output_features['targets'].vocabulary
       inputs_vocab = task.output_features['inputs'].vocabulary
+      rows = evaluator.cached_task_datasets[task.name].as_numpy_iterator()
+      if _is_rank_task(task):
+        scores = dict(make_score_fn(model, params, batch_size)(ds))
+        examples: dict = {}  # idx -> line, in first-seen order
+        for i, ex in enumerate(rows):
+          line = examples.setdefault(int(ex['idx']), {
+              'task': task.name, 'inputs': inputs_vocab.decode(_strip(ex['inputs'])),
+              'targets': _text(ex['gold_targets']), 'prediction': None, 'scores': {}})
+          word = vocab.decode(_strip(ex['targets']))
+          line['scores'][word] = scores[i]
+          if line['prediction'] is None or scores[i] > line['scores'][line['prediction']]:
+            line['prediction'] = word  # ties: the first candidate, as the metric does
+        for line in examples.values():
+          f.write(json.dumps(line) + '\n')
+        written += len(examples)
+        continue
       preds = dict(make_predict_fn(model, params, batch_size, num_decodes)(ds))
-      for i, ex in enumerate(evaluator.cached_task_datasets[task.name].as_numpy_iterator()):
+      for i, ex in enumerate(rows):
         f.write(json.dumps({
             'task': task.name,
             'inputs': inputs_vocab.decode(_strip(ex['inputs'])),
@@ -108,6 +134,10 @@ def write_predictions(path: str, evaluator: Any, model: EncoderDecoderModel,
         written += 1
   os.replace(tmp, path)
   return written
+
+
+def _text(value: Any) -> str:
+  return value.decode() if isinstance(value, bytes) else str(value)
 
 
 def _strip(tokens: Sequence[int]) -> list:

@@ -7,6 +7,8 @@ word of every example with `model.score_batch` directly and taking the best.
 from __future__ import annotations
 
 import jax
+import json
+
 import numpy as np
 import pytest
 import seqio
@@ -175,6 +177,28 @@ def test_run_evaluation_matches_direct_scoring(model_and_params):
   assert 0 < pred.sum() < NUM
   want = 100.0 * np.mean(pred == labels)
   assert got[f'{RANK}/accuracy'] == pytest.approx(want)
+
+
+def test_write_predictions_on_a_rank_twin_scores_one_line_per_example(model_and_params,
+                                                                      tmp_path):
+  """`t5x infer` on a rank twin: one line per original example whose prediction
+  is the argmax of direct scoring, with every candidate's score."""
+  model, params = model_and_params
+  evaluator = evaluation.build_evaluator(RANK, LENGTHS, 'validation', num_examples=2 * NUM)
+  path = str(tmp_path / 'predictions.jsonl')
+  assert evaluation.write_predictions(path, evaluator, model, params, BATCH) == NUM
+  lines = [json.loads(l) for l in open(path)]
+  rows = synthetic.generate_examples(BASE, 'validation')[:NUM]
+  words = tasks.get_label_words(BASE)
+  scores = _scores(model, params, rows, words)
+  by_input = {r['inputs']: (r, s) for r, s in zip(rows, scores)}
+  assert len({l['inputs'] for l in lines}) == NUM
+  for line in lines:
+    row, s = by_input[line['inputs']]
+    assert line['targets'] == row['targets'] and line['task'] == RANK
+    assert sorted(line['scores']) == sorted(words)
+    np.testing.assert_allclose([line['scores'][w] for w in words], s, rtol=1e-5, atol=1e-5)
+    assert line['prediction'] == words[int(np.argmax(s))]
 
 
 def test_list_tasks_shows_rank_twin(capsys):
