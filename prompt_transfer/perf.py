@@ -79,6 +79,22 @@ def use_remat_friendly_cpu_scheduler(environ: Any = None) -> bool:
   return True
 
 
+def use_compilation_cache(directory: Optional[str]) -> Optional[str]:
+  """Turns on JAX's persistent compilation cache in `directory`.
+
+  A cache the user already configured (JAX_COMPILATION_CACHE_DIR or
+  jax.config) wins; '' or None leaves the cache off. Returns the directory in
+  use, or None. Call it before the first compilation.
+  """
+  current = jax.config.jax_compilation_cache_dir
+  if current:
+    return current
+  if not directory:
+    return None
+  jax.config.update('jax_compilation_cache_dir', directory)
+  return directory
+
+
 def _merge_cost(analysis: Any) -> Dict[str, float]:
   """cost_analysis() as one {metric: value} dict.
 

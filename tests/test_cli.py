@@ -196,3 +196,15 @@ def test_spot_source_gin_trains_on_a_mixture_and_the_target_starts_from_it(tmp_p
       'checkpoint_0', 'checkpoint_10', 'checkpoint_5']
   np.testing.assert_array_equal(_prompt(target, 0), _prompt(source, 10))
   assert not np.array_equal(_prompt(source, 0), _prompt(source, 10))
+
+
+def test_train_fills_the_compilation_cache(tmp_path):
+  """`--compilation_cache_dir`: compiled programs are kept for the next run."""
+  cache = tmp_path / 'xla'
+  env = {k: v for k, v in os.environ.items() if not k.startswith('JAX_')}
+  proc = subprocess.run(
+      [sys.executable, '-m', 'prompt_transfer.cli', 'train', *QUICK, '--gin.TRAIN_STEPS=2',
+       f'--gin.MODEL_DIR={str(tmp_path / "run")!r}', f'--compilation_cache_dir={cache}'],
+      cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert any('train_step' in name for name in os.listdir(cache)), os.listdir(cache)

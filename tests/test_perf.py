@@ -110,3 +110,17 @@ def test_remat_friendly_cpu_scheduler_flag_is_added_once_and_respects_the_user()
   assert perf.use_remat_friendly_cpu_scheduler(env)
   assert env['XLA_FLAGS'].split() == ['--xla_force_host_platform_device_count=8',
                                       perf.CPU_REMAT_XLA_FLAG]
+
+
+def test_use_compilation_cache_respects_a_configured_cache(tmp_path):
+  before = jax.config.jax_compilation_cache_dir
+  try:
+    jax.config.update('jax_compilation_cache_dir', None)
+    assert perf.use_compilation_cache('') is None
+    assert jax.config.jax_compilation_cache_dir is None
+    assert perf.use_compilation_cache(str(tmp_path)) == str(tmp_path)
+    assert jax.config.jax_compilation_cache_dir == str(tmp_path)
+    # Already configured (JAX_COMPILATION_CACHE_DIR or the user): kept.
+    assert perf.use_compilation_cache(str(tmp_path / 'other')) == str(tmp_path)
+  finally:
+    jax.config.update('jax_compilation_cache_dir', before)
