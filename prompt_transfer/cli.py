@@ -53,6 +53,13 @@ def packaged_gin_dir() -> str:
     raise UsageError('The packaged gin library was not found; reinstall prompt-transfer.')
 
 
+# Where `t5x` keeps compiled XLA programs between runs: a restarted or resumed
+# run, and every later run of the same shapes, skips compilation (the tiny
+# train step: ~6 s and ~350 MB of compiler memory).
+DEFAULT_COMPILATION_CACHE = os.path.join(os.path.expanduser('~'), '.cache', 'prompt_transfer',
+                                         'xla')
+
+
 def _add_common_flags(p: argparse.ArgumentParser) -> None:
   p.add_argument('--gin_file', action='append', default=[], metavar='FILE',
                  help='A gin file (repeatable), e.g. models/t5_1_1_base.gin, '
@@ -79,13 +86,6 @@ def _add_common_flags(p: argparse.ArgumentParser) -> None:
   g.add_argument('--coordinator_address', default=None, help='host:port of process 0.')
   g.add_argument('--process_count', type=int, default=None, help='Number of processes.')
   g.add_argument('--process_index', type=int, default=None, help='This process (0-based).')
-
-
-# Where `t5x` keeps compiled XLA programs between runs: a restarted or resumed
-# run, and every later run of the same shapes, skips compilation (the tiny
-# train step: ~6 s and ~350 MB of compiler memory).
-DEFAULT_COMPILATION_CACHE = os.path.join(os.path.expanduser('~'), '.cache', 'prompt_transfer',
-                                         'xla')
 
 
 def build_parser() -> argparse.ArgumentParser:
