@@ -228,17 +228,24 @@ def _train_timings(first_step_s: float, warmup_s: float, steps: int, train_s: fl
           'loss_first': losses[0], 'loss_last': losses[-1]}
 
 
+def _decode_fields(first_decode_s: float, times: List[float], tokens: Any) -> Dict[str, Any]:
+  """The decoding fields both sides report, computed one way (tokens: zeros after EOS)."""
+  n_tokens = sum(_generated_lengths(tokens))
+  return {'first_decode_s': first_decode_s, 'decode_s': statistics.median(times),
+          'decode_tokens': n_tokens, 'decode_tokens_per_s': n_tokens / statistics.median(times),
+          'tokens': tokens.tolist()}
+
+
 def _our_setup(hf_dir: str, prompt, tuned: bool = False):
   """Loads like trainer.train: prompt initialised against the loaded weights,
   frozen weights moved to the device one array at a time."""
   import jax  # pylint: disable=g-import-not-at-top
-  import optax  # pylint: disable=g-import-not-at-top
   from prompt_transfer import partitioning  # pylint: disable=g-import-not-at-top
   from prompt_transfer.checkpoint_import import read_hf_checkpoint  # pylint: disable=g-import-not-at-top
   from prompt_transfer.models import build_model  # pylint: disable=g-import-not-at-top
   from prompt_transfer.prompts import from_array  # pylint: disable=g-import-not-at-top
   # The trainer's own helpers: importing trainer loads no TF, seqio or orbax.
-  from prompt_transfer.trainer import partition_params  # pylint: disable=g-import-not-at-top
+  from prompt_transfer.trainer import partition_params, prompt_tuning_optimizer  # pylint: disable=g-import-not-at-top
   config, host_params = read_hf_checkpoint(hf_dir)
   if tuned:
     config = config.replace(remat=True)  # remat_policy 'dots' (the default)
@@ -251,9 +258,7 @@ def _our_setup(hf_dir: str, prompt, tuned: bool = False):
   frozen = partitioning.put_consuming(frozen, device)
   trainable = partitioning.put(trainable, device)
   partitioning.release_host_memory()
-  # trainer.train's default optimizer (gin runs/prompt_tune.gin).
-  tx = optax.adafactor(learning_rate=0.3, decay_rate=0.8, multiply_by_parameter_scale=False,
-                       weight_decay_rate=1e-5, clipping_threshold=1.0)
+  tx = prompt_tuning_optimizer(0.3)  # trainer.train's default (runs/prompt_tune.gin)
   return model, trainable, frozen, tx
 
 
@@ -269,7 +274,7 @@ def run_ours(spec: Dict[str, Any]) -> Dict[str, Any]:
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
   from prompt_transfer import partitioning, perf  # pylint: disable=g-import-not-at-top
-  from prompt_transfer.trainer import make_train_step, merge_params  # pylint: disable=g-import-not-at-top
+  from prompt_transfer.trainer import dropout_key, make_train_step, merge_params  # pylint: disable=g-import-not-at-top
   t_import = time.perf_counter() - t_import
   phases['after_import'] = _proc_status()
   if spec.get('compilation_cache'):  # what `t5x --compilation_cache_dir` does
@@ -296,8 +301,7 @@ def run_ours(spec: Dict[str, Any]) -> Dict[str, Any]:
     del trainable
     # tuned: train.rng_impl='rbg', dropout bits from XLA's RngBitGenerator
     # (T5X's use_hardware_rng) instead of threefry.
-    rng = (jax.random.key(spec['seed'], impl='rbg') if tuned
-           else jax.random.PRNGKey(spec['seed']))
+    rng = dropout_key(spec['seed'], 'rbg' if tuned else 'threefry')
     losses = []
     t0 = time.perf_counter()
     state, metrics = step_fn(state, frozen, batches[0], jax.random.fold_in(rng, 0))
@@ -337,11 +341,7 @@ def run_ours(spec: Dict[str, Any]) -> Dict[str, Any]:
       t0 = time.perf_counter()
       tokens = np.asarray(model.predict_batch(params, dec))
       times.append(time.perf_counter() - t0)
-    n_tokens = sum(_generated_lengths(tokens))
-    out.update({'first_decode_s': first_decode_s, 'decode_s': statistics.median(times),
-                'decode_tokens': n_tokens,
-                'decode_tokens_per_s': n_tokens / statistics.median(times),
-                'tokens': tokens.tolist()})
+    out.update(_decode_fields(first_decode_s, times, tokens))
   phases['end'] = _proc_status()
   out.update({'import_s': t_import, 'load_s': t_load, 'rss_phases': phases,
               'device': str(jax.devices()[0].device_kind), 'tuned': tuned})
@@ -454,11 +454,7 @@ def run_theirs(spec: Dict[str, Any]) -> Dict[str, Any]:
     # Zeros after EOS, as ours returns them.
     after = np.cumsum(np.cumsum(tokens == EOS, axis=1), axis=1) > 1
     tokens = np.where(after, 0, tokens)
-    n_tokens = sum(_generated_lengths(tokens))
-    out.update({'first_decode_s': first_decode_s, 'decode_s': statistics.median(times),
-                'decode_tokens': n_tokens,
-                'decode_tokens_per_s': n_tokens / statistics.median(times),
-                'tokens': tokens.tolist()})
+    out.update(_decode_fields(first_decode_s, times, tokens))
   phases['end'] = _proc_status()
   out.update({'import_s': t_import, 'load_s': t_load, 'rss_phases': phases,
               'torch_threads': torch.get_num_threads()})

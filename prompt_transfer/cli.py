@@ -195,20 +195,17 @@ def _check_macro(name: str, required: bool) -> None:
                      f'{MACRO_HINTS.get(name, f"--gin.{name}=...")}.')
 
 
-def _macro(name: str, default=None):
-  import gin  # pylint: disable=g-import-not-at-top
-  try:
-    return gin.query_parameter(f'%{name}')
-  except ValueError:
-    return default
-
-
 def _binding(name: str, default=None):
+  """A gin binding's value ('scope.param' or '%MACRO'), or default when unbound."""
   import gin  # pylint: disable=g-import-not-at-top
   try:
     return gin.query_parameter(name)
   except ValueError:
     return default
+
+
+def _macro(name: str, default=None):
+  return _binding(f'%{name}', default)
 
 
 def import_modules(modules: Sequence[str]) -> None:

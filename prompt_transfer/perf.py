@@ -55,7 +55,7 @@ _PEAK_BF16_FLOPS: Tuple[Tuple[str, float], ...] = (
 
 
 # ---------------------------------------------------------------------------
-# FLOPs from XLA's cost analysis.
+# XLA settings that must be in place before the backend starts / first compile.
 # ---------------------------------------------------------------------------
 # XLA's concurrency-optimised CPU scheduler moves the recomputation remat
 # introduces back next to the forward pass, which undoes the memory saving
@@ -95,6 +95,9 @@ def use_compilation_cache(directory: Optional[str]) -> Optional[str]:
   return directory
 
 
+# ---------------------------------------------------------------------------
+# FLOPs from XLA's cost analysis.
+# ---------------------------------------------------------------------------
 def _merge_cost(analysis: Any) -> Dict[str, float]:
   """cost_analysis() as one {metric: value} dict.
 

@@ -102,6 +102,23 @@ def merge_params(trainable: Mapping, frozen: Mapping) -> dict:
   return traverse_util.unflatten_dict(flat, sep='/')
 
 
+def prompt_tuning_optimizer(learning_rate: Any = 0.3) -> optax.GradientTransformation:
+  """Google's prompt-tuning Adafactor: second-moment decay 0.8, no parameter
+  scaling, weight decay 1e-5, update clipping 1.0 (runs/prompt_tune.gin)."""
+  return optax.adafactor(learning_rate=learning_rate, decay_rate=0.8,
+                         multiply_by_parameter_scale=False, weight_decay_rate=1e-5,
+                         clipping_threshold=1.0)
+
+
+def dropout_key(seed: int, rng_impl: str = 'threefry') -> Any:
+  """The run's dropout key (step keys are fold_in(key, step)); see train's rng_impl."""
+  if rng_impl not in RNG_IMPLS:
+    raise TrainingError(f'rng_impl must be one of {RNG_IMPLS}; got {rng_impl!r}.')
+  if rng_impl == 'threefry':
+    return jax.random.PRNGKey(seed)
+  return jax.random.key(seed, impl=rng_impl)
+
+
 def make_train_step(model: EncoderDecoderModel, tx: optax.GradientTransformation,
                     use_dropout: bool = True) -> Callable:
   """(state, frozen, batch, dropout_rng) -> (state, metrics), not yet jitted.
@@ -323,8 +340,8 @@ def train(
 
   # Frozen weights, then the prompt initialised against them (a from_file
   # prompt of the wrong shape fails here, before any training).
-  if rng_impl not in RNG_IMPLS:
-    raise TrainingError(f'rng_impl must be one of {RNG_IMPLS}; got {rng_impl!r}.')
+  # Dropout keys: one per step, folded from the seed (a resume sees the same keys).
+  dropout_rng = dropout_key(seed, rng_impl)
   rng = jax.random.PRNGKey(seed)
   params = load_frozen_params(model, checkpoint_path, model_seed)
   if prompt_length > 0 or prompt_module is not None:
@@ -350,9 +367,7 @@ def train(
         f'{jax.process_count()} process(es)')
 
   # Optimizer: state only for the trainable subtree.
-  tx = optimizer or optax.adafactor(learning_rate=learning_rate, decay_rate=0.8,
-                                    multiply_by_parameter_scale=False,
-                                    weight_decay_rate=1e-5, clipping_threshold=1.0)
+  tx = optimizer or prompt_tuning_optimizer(learning_rate)
   lr_fn = learning_rate if callable(learning_rate) else (lambda step: learning_rate)
   replicated = partitioning.replicated(mesh)
   opt_state = tx.init(trainable)
@@ -392,8 +407,6 @@ def train(
 
   # The step: gradient of the loss w.r.t. the trainable subtree only.
   train_step = make_train_step(model, tx, use_dropout)
-  # Dropout keys: one per step, folded from the seed (a resume sees the same keys).
-  dropout_rng = rng if rng_impl == 'threefry' else jax.random.key(seed, impl=rng_impl)
   # Donating the state lets XLA update the prompt and its slots in place.
   p_train_step = jax.jit(
       train_step, in_shardings=(state_sharding, frozen_sharding,
