@@ -60,6 +60,7 @@ run is recorded with it, and every number is a median over pairs.
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib.metadata
 import json
 import os
@@ -236,17 +237,20 @@ def _decode_fields(first_decode_s: float, times: List[float], tokens: Any) -> Di
           'tokens': tokens.tolist()}
 
 
-def _our_setup(hf_dir: str, prompt, tuned: bool = False):
+def _our_setup(hf_dir: str, prompt, tuned: bool = False, dtype: str = 'float32'):
   """Loads like trainer.train: prompt initialised against the loaded weights,
   frozen weights moved to the device one array at a time."""
   import jax  # pylint: disable=g-import-not-at-top
   from prompt_transfer import partitioning  # pylint: disable=g-import-not-at-top
   from prompt_transfer.checkpoint_import import read_hf_checkpoint  # pylint: disable=g-import-not-at-top
-  from prompt_transfer.models import build_model  # pylint: disable=g-import-not-at-top
+  from prompt_transfer.models import build_model, frozen_storage_dtype  # pylint: disable=g-import-not-at-top
   from prompt_transfer.prompts import from_array  # pylint: disable=g-import-not-at-top
   # The trainer's own helpers: importing trainer loads no TF, seqio or orbax.
   from prompt_transfer.trainer import partition_params, prompt_tuning_optimizer  # pylint: disable=g-import-not-at-top
   config, host_params = read_hf_checkpoint(hf_dir)
+  # --dtype bfloat16: `--gin.model_config.dtype="bfloat16"` (weights stay float32;
+  # the frozen kernels and embeddings are stored in bf16, as the trainer does).
+  config = config.replace(dtype=dtype)
   if tuned:
     config = config.replace(remat=True)  # remat_policy 'dots' (the default)
   model = build_model(config, prompt_length=prompt.shape[0], prompt_init=from_array(prompt))
@@ -255,7 +259,7 @@ def _our_setup(hf_dir: str, prompt, tuned: bool = False):
   trainable, frozen = partition_params(params, PROMPT_PARAMS)
   del params
   device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-  frozen = partitioning.put_consuming(frozen, device)
+  frozen = partitioning.put_consuming(frozen, device, functools.partial(frozen_storage_dtype, config))
   trainable = partitioning.put(trainable, device)
   partitioning.release_host_memory()
   tx = prompt_tuning_optimizer(0.3)  # trainer.train's default (runs/prompt_tune.gin)
@@ -282,7 +286,8 @@ def run_ours(spec: Dict[str, Any]) -> Dict[str, Any]:
 
   t_load = time.perf_counter()
   prompt = np.load(spec['prompt'])
-  model, trainable, frozen, tx = _our_setup(spec['hf_dir'], prompt, tuned=tuned)
+  model, trainable, frozen, tx = _our_setup(spec['hf_dir'], prompt, tuned=tuned,
+                                            dtype=spec.get('dtype', 'float32'))
   jax.block_until_ready((trainable, frozen))
   t_load = time.perf_counter() - t_load
   phases['after_load'] = _proc_status()
@@ -366,12 +371,17 @@ def run_theirs(spec: Dict[str, Any]) -> Dict[str, Any]:
 
   t_load = time.perf_counter()
   prompt = np.load(spec['prompt'])
-  base = T5ForConditionalGeneration.from_pretrained(spec['hf_dir'], dtype=torch.float32)
+  # --dtype bfloat16: the model loaded in bf16 (transformers' way; its T5 may
+  # keep some modules in float32), the trainable prompt in float32 (PEFT casts
+  # it to the input embeddings' dtype in the forward pass).
+  dtype = getattr(torch, spec.get('dtype', 'float32'))
+  base = T5ForConditionalGeneration.from_pretrained(spec['hf_dir'], dtype=dtype)
   peft_config = peft.PromptTuningConfig(
       task_type=peft.TaskType.SEQ_2_SEQ_LM, num_virtual_tokens=prompt.shape[0],
       num_transformer_submodules=1, prompt_tuning_init=peft.PromptTuningInit.RANDOM)
   model = peft.get_peft_model(base, peft_config)
   embedding = model.prompt_encoder['default'].embedding
+  embedding.float()
   with torch.no_grad():
     embedding.weight.copy_(torch.from_numpy(prompt))
   trainable = [p for p in model.parameters() if p.requires_grad]
@@ -390,7 +400,7 @@ def run_theirs(spec: Dict[str, Any]) -> Dict[str, Any]:
                     'labels': torch.where(tgt > 0, tgt, torch.full_like(tgt, -100))})
   out: Dict[str, Any] = {
       'trainable_params': int(sum(p.numel() for p in trainable)),
-      'param_dtype': str(next(base.parameters()).dtype),
+      'param_dtypes': sorted({str(p.dtype) for p in base.parameters()}),
   }
 
   if spec['steps'] > 0:
@@ -596,6 +606,9 @@ def main(argv: Optional[List[str]] = None) -> int:
   p.add_argument('--adamw-lr', type=float, default=0.03,
                  help="AdamW's learning rate (PEFT's prompt-tuning examples use 3e-2)")
   p.add_argument('--seed', type=int, default=0)
+  p.add_argument('--dtype', choices=('float32', 'bfloat16'), default='float32',
+                 help='activations (both sides): bfloat16 = ours model_config.dtype, '
+                      'theirs the model loaded in bf16; weights updated in float32 on both')
   p.add_argument('--no-flops', action='store_true', help='skip the XLA FLOP count')
   p.add_argument('--tuned', action='store_true',
                  help="add a third side per pair, ours_tuned: the trainer's options "
@@ -649,7 +662,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             'steps': args.steps if args.steps is not None else DEFAULT_STEPS.get(name, 10),
             'warmup_steps': args.warmup_steps, 'decode_tokens': args.decode_tokens,
             'decode_reps': args.decode_reps, 'seed': args.seed, 'threads': threads,
-            'torch_optim': args.torch_optim, 'adamw_lr': args.adamw_lr}
+            'torch_optim': args.torch_optim, 'adamw_lr': args.adamw_lr, 'dtype': args.dtype}
     sides = ('ours', 'theirs') + (('ours_tuned',) if args.tuned else ())
     if args.compile_cache:
       # As after a user's first `t5x` run: the compiled programs are on disk.

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from typing import Any, Optional, Sequence, Tuple
+from typing import Any, Callable, Optional, Sequence, Tuple
 
 import flax.linen as nn
 import gin
@@ -100,12 +100,14 @@ def put(tree: Any, shardings: Any) -> Any:
   return jax.tree_util.tree_map(one, tree, shardings)
 
 
-def put_consuming(tree: dict, shardings: Any) -> dict:
+def put_consuming(tree: dict, shardings: Any,
+                  dtype_of: Optional[Callable[[Tuple[str, ...], Any], Any]] = None) -> dict:
   """`put` for a nested dict of large host arrays, emptying `tree` as it goes.
 
   Each host array is released as soon as its device copy exists, so loading a
   model peaks at about one copy of the weights plus one array, not two copies.
-  The caller must hold no other reference to the arrays.
+  The caller must hold no other reference to the arrays. dtype_of(path, dtype)
+  -> dtype, when given, casts each array on the host before it is moved.
   """
   from flax import traverse_util  # pylint: disable=g-import-not-at-top
   flat = traverse_util.flatten_dict(tree)
@@ -121,6 +123,8 @@ def put_consuming(tree: dict, shardings: Any) -> dict:
   out = {}
   for key in list(flat):
     host = flat.pop(key)
+    if dtype_of is not None and dtype_of(key, host.dtype) != host.dtype:
+      host = host.astype(dtype_of(key, host.dtype))
     sharding = shardings if flat_shardings is None else flat_shardings[key]
     out[key] = put(host, sharding)
     del host

@@ -9,6 +9,7 @@ jitted step as a constant argument.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -29,7 +30,7 @@ from prompt_transfer import partitioning
 from prompt_transfer import perf
 from prompt_transfer import prompts as prompts_lib
 from prompt_transfer.config import T5Config, get_config
-from prompt_transfer.models import EncoderDecoderModel, Params, build_model
+from prompt_transfer.models import EncoderDecoderModel, Params, build_model, frozen_storage_dtype
 
 PROMPT_PARAMS = 'encoder/prompt/.*'
 RNG_IMPLS = ('threefry', 'rbg', 'unsafe_rbg')
@@ -359,7 +360,10 @@ def train(
   axes = model.param_logical_axes()
   train_axes, frozen_axes = partition_params(axes, trainable_params)
   frozen_sharding = partitioning.logical_shardings(mesh, frozen_axes)
-  frozen = partitioning.put_consuming(frozen, frozen_sharding)  # one copy at a time
+  # One array at a time; kernels and embeddings in config.dtype (bfloat16
+  # activations: stored once in bf16 instead of converted in every step).
+  frozen = partitioning.put_consuming(
+      frozen, frozen_sharding, functools.partial(frozen_storage_dtype, config))
   partitioning.release_host_memory()
   trainable_sharding = partitioning.logical_shardings(mesh, train_axes)
   trainable = partitioning.put(trainable, trainable_sharding)

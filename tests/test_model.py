@@ -1,6 +1,9 @@
 """The Flax T5 and its prompt slot: internal consistency (parity with Hugging
 Face lives in test_hf_parity.py)."""
+import functools
+
 import jax
+import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -229,3 +232,88 @@ def test_unknown_remat_policy_is_refused():
   model = build_model(_cfg().replace(remat=True, remat_policy='everything'), prompt_length=3)
   with pytest.raises(ValueError, match='remat_policy must be one of'):
     model.init_params(jax.random.PRNGKey(0))
+
+
+def _dot_operand_dtypes(fn, *args):
+  """(lhs, rhs, preferred) dtypes of every dot_general in fn's jaxpr, nested ones too."""
+  found = []
+
+  def walk(jaxpr):
+    for eqn in jaxpr.eqns:
+      if eqn.primitive.name == 'dot_general':
+        found.append((str(eqn.invars[0].aval.dtype), str(eqn.invars[1].aval.dtype),
+                      str(eqn.params['preferred_element_type'])))
+      for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+        walk(sub)
+  walk(jax.make_jaxpr(fn)(*args).jaxpr)
+  return found
+
+
+def test_bfloat16_products_take_bf16_operands_forward_and_backward():
+  """With bf16 activations every matmul, the gradient's included, multiplies bf16
+  by bf16 into float32 (XLA's CPU backend upcasts mixed or bf16-output dots to
+  slow float32 matmuls); the result is close to the float32 model's."""
+  from prompt_transfer.network import einsum
+  a = jax.random.normal(jax.random.PRNGKey(0), (6, 8, 16))
+  b = jax.random.normal(jax.random.PRNGKey(1), (6, 16, 8))
+
+  def loss(a, b, dtype):
+    return jnp.sum(jnp.sin(einsum('bqd,bdk->bqk', a, b, dtype, jnp.float32)))
+  grad = jax.grad(loss, argnums=(0, 1))
+  dots = _dot_operand_dtypes(lambda a, b: grad(a, b, jnp.bfloat16), a, b)
+  assert len(dots) == 3 and set(dots) == {('bfloat16', 'bfloat16', 'float32')}
+  for g16, g32 in zip(grad(a, b, jnp.bfloat16), grad(a, b, jnp.float32)):
+    assert g16.dtype == jnp.float32
+    np.testing.assert_allclose(g16, g32, rtol=0.05, atol=0.05 * float(jnp.abs(g32).max()))
+
+  # The whole model: every dot of the prompt gradient is bf16 x bf16 -> f32.
+  cfg = _cfg(dtype='bfloat16')
+  model = build_model(cfg, prompt_length=3)
+  params = model.init_params(jax.random.PRNGKey(0))
+  prompt, frozen = split_prompt(params)
+  batch = {'encoder_input_tokens': ENC, 'decoder_input_tokens': DIN,
+           'decoder_target_tokens': TGT}
+
+  def prompt_grad(model, q):
+    return jax.grad(lambda q: model.loss_fn(merge_prompt(q, frozen), batch, None)[0])(q)
+  dots = _dot_operand_dtypes(functools.partial(prompt_grad, model), prompt)
+  assert len(dots) > 20 and set(dots) == {('bfloat16', 'bfloat16', 'float32')}
+  g16 = jax.jit(functools.partial(prompt_grad, model))(prompt)['prompt']['prompt']
+  g32 = jax.jit(functools.partial(prompt_grad, build_model(_cfg(), prompt_length=3)))(
+      prompt)['prompt']['prompt']
+  cosine = float(jnp.vdot(g16, g32) / (jnp.linalg.norm(g16) * jnp.linalg.norm(g32)))
+  assert cosine > 0.99, cosine
+
+
+def test_frozen_weights_stored_in_the_compute_dtype_give_the_same_numbers():
+  """frozen_storage_dtype: with bf16 activations the frozen kernels, embeddings
+  and relative-position tables are kept in bf16 (layer-norm scales in float32),
+  and loss, prompt gradient and decode are bit-identical to casting them in
+  every step."""
+  from prompt_transfer import partitioning
+  from prompt_transfer.models import frozen_storage_dtype
+  for dtype, expect_cast in (('bfloat16', True), ('float32', False)):
+    model = build_model(_cfg(dtype=dtype), prompt_length=3)
+    params = jax.tree_util.tree_map(lambda x: x * 3.0, model.init_params(jax.random.PRNGKey(2)))
+    prompt, frozen = split_prompt(params)
+    host = jax.tree_util.tree_map(np.asarray, frozen)
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    stored = partitioning.put_consuming(
+        host, device, functools.partial(frozen_storage_dtype, model.config))
+    assert host == {}  # consumed
+    assert stored['encoder']['layers_0']['mlp']['wi_0']['kernel'].dtype == (
+        jnp.bfloat16 if expect_cast else jnp.float32)
+    assert stored['token_embedder']['embedding'].dtype == stored['encoder']['relpos_bias'][
+        'rel_embedding'].dtype == stored['encoder']['layers_0']['mlp']['wi_0']['kernel'].dtype
+    assert stored['encoder']['encoder_norm']['scale'].dtype == jnp.float32
+    batch = {'encoder_input_tokens': ENC, 'decoder_input_tokens': DIN,
+             'decoder_target_tokens': TGT}
+    outs = []
+    for fz in (frozen, stored):
+      loss, grad = jax.jit(jax.value_and_grad(
+          lambda q, fz=fz: model.loss_fn(merge_prompt(q, fz), batch, None)[0]))(prompt)
+      dec = model.predict_batch(merge_prompt(prompt, fz), {
+          'encoder_input_tokens': ENC, 'decoder_input_tokens': np.zeros((3, 5), np.int32)})
+      outs.append((loss, grad['prompt']['prompt'], dec))
+    for x, y in zip(*outs):
+      np.testing.assert_array_equal(np.asarray(x), np.asarray(y))

@@ -181,3 +181,13 @@ def test_metrics_report_flops_and_no_recompilation(straight_run):
   assert all(r['recompilations'] == 0 for r in recs)
   assert recs[-1]['train_step_flops'] > 1e6
   assert 'mfu' not in recs[-1]  # no peak FLOP/s is known for CPUs
+
+
+def test_bfloat16_activations_train_a_float32_prompt(tmp_path):
+  """model_config.dtype='bfloat16': frozen kernels stored in bf16, the prompt and
+  its optimizer state stay float32, and the loss goes down."""
+  _train(tmp_path, 20, config=CONFIG.replace(dtype='bfloat16'), checkpoint_period=20)
+  p20 = _prompt(tmp_path, 20)
+  assert p20.dtype == np.float32 and not np.allclose(_prompt(tmp_path, 0), p20)
+  losses = _losses(tmp_path)
+  assert losses[-1] < losses[0], losses
