@@ -36,7 +36,9 @@ class T5Config:
   relative_attention_num_buckets: int = 32
   relative_attention_max_distance: int = 128
   layer_norm_epsilon: float = 1e-6
-  # Activation dtype; parameters stay in `param_dtype`.
+  # Activation dtype ('bfloat16': matmuls take bf16 operands and accumulate in
+  # float32). Parameters stay in `param_dtype`; the trainer keeps FROZEN kernels
+  # and embeddings in `dtype` (models.frozen_storage_dtype: same numbers).
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
   float32_attention_logits: bool = True

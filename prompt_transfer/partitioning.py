@@ -127,6 +127,9 @@ def put_consuming(tree: dict, shardings: Any,
       host = host.astype(dtype_of(key, host.dtype))
     sharding = shardings if flat_shardings is None else flat_shardings[key]
     out[key] = put(host, sharding)
+    # Transfers are asynchronous: wait, or every host array stays alive (and
+    # its freed pages unreleased by release_host_memory) until all are done.
+    jax.block_until_ready(out[key])
     del host
   return traverse_util.unflatten_dict(out)
 
