@@ -49,6 +49,13 @@ flag `t5x` sets for remat (perf.use_remat_friendly_cpu_scheduler), and
 trainer (only the prompt initialised in a jit, frozen weights moved to the
 device one at a time, malloc_trim after loading and after the compiling step).
 
+--dtype bfloat16 runs both sides with bfloat16 activations: ours
+`model_config.dtype='bfloat16'` (bf16 x bf16 -> float32 matmuls forward and
+backward, frozen kernels and embeddings stored in bf16, prompt and optimizer
+state float32), theirs the model loaded with `dtype=torch.bfloat16` and the
+PEFT prompt embedding kept in float32 (PEFT casts it to the input embeddings'
+dtype in the forward pass). Decoded tokens may then differ between the sides.
+
 --compile-cache measures our sides as `t5x` runs them after the first time:
 with JAX's persistent compilation cache (`--compilation_cache_dir`, on by
 default) already filled by one untimed run, so the first step and the first
@@ -94,11 +101,16 @@ EOS, PAD = 1, 0
 # ---------------------------------------------------------------------------
 def machine_info() -> Dict[str, Any]:
   model = platform.processor() or '?'
+  flags: List[str] = []
   try:
     with open('/proc/cpuinfo') as f:
       for line in f:
         if line.startswith('model name'):
           model = line.split(':', 1)[1].strip()
+        elif line.startswith('flags'):
+          # The matmul ISAs that decide float32 vs bfloat16 speed (AMX: bf16 GEMMs ~5x).
+          flags = sorted(x for x in line.split(':', 1)[1].split()
+                         if x.startswith(('avx512f', 'avx512_bf16', 'amx', 'avx2')))
           break
   except OSError:
     pass
@@ -115,7 +127,7 @@ def machine_info() -> Dict[str, Any]:
     usable = len(os.sched_getaffinity(0))
   except AttributeError:
     usable = os.cpu_count()
-  return {'cpu_model': model, 'cpu_count': os.cpu_count(), 'usable_cores': usable,
+  return {'cpu_model': model, 'cpu_flags': flags, 'cpu_count': os.cpu_count(), 'usable_cores': usable,
           'memory_bytes': mem, 'platform': platform.platform(),
           'python': platform.python_version()}
 
