@@ -248,7 +248,8 @@ class MultiHeadAttention(nn.Module):
         mask = jnp.broadcast_to(visible[None, None, None, :], (b, 1, 1, k.shape[2]))
 
     # float32 accumulation from `dtype` operands: with float32 logits, the same
-    # numbers as upcasting q and k first (a bf16 product is exact in float32).
+    # forward numbers as upcasting q and k first (a bf16 product is exact in
+    # float32); the backward pass rounds the logits' cotangent to `dtype`.
     logits_dtype = jnp.float32 if cfg.float32_attention_logits else cfg.dtype
     logits = einsum('bhqd,bhkd->bhqk', q, k, cfg.dtype, logits_dtype)
     if bias is not None:
