@@ -91,7 +91,7 @@ def _dot(x: Array, kernel: Array, dtype: Any) -> Array:
 def einsum(spec: str, a: Array, b: Array, dtype: Any, out_dtype: Any) -> Array:
   """Two-operand einsum on `dtype` operands with float32 accumulation.
 
-  float32: a plain einsum. bfloat16 (or another low precision): the forward
+  float32 (or wider): a plain einsum. bfloat16 (or another 16-bit type): the forward
   and both backward products take `dtype` operands and accumulate in float32
   (what TPU/GPU matmul units do for a bf16 dot). Written out because JAX's
   own transpose of a float32-accumulating dot multiplies the float32
@@ -99,7 +99,7 @@ def einsum(spec: str, a: Array, b: Array, dtype: Any, out_dtype: Any) -> Array:
   or bf16-output dots to float32 matmuls, 5x slower than bf16 ones with AMX.
   Every index of each operand must appear in the other operand or the output.
   """
-  if jnp.dtype(dtype) == jnp.float32:
+  if jnp.dtype(dtype).itemsize >= 4:
     return jnp.einsum(spec, a.astype(dtype), b.astype(dtype)).astype(out_dtype)
   return _low_precision_einsum(spec, jnp.dtype(out_dtype), a.astype(dtype), b.astype(dtype))
 

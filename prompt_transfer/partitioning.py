@@ -123,8 +123,8 @@ def put_consuming(tree: dict, shardings: Any,
   out = {}
   for key in list(flat):
     host = flat.pop(key)
-    if dtype_of is not None and dtype_of(key, host.dtype) != host.dtype:
-      host = host.astype(dtype_of(key, host.dtype))
+    if dtype_of is not None:
+      host = host.astype(dtype_of(key, host.dtype), copy=False)
     sharding = shardings if flat_shardings is None else flat_shardings[key]
     out[key] = put(host, sharding)
     # Transfers are asynchronous: wait, or every host array stays alive (and
