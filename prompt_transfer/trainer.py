@@ -319,7 +319,9 @@ def train(
   rng_impl: the dropout key's PRNG ('threefry', JAX's default and the same on
   every backend and mesh; 'rbg' or 'unsafe_rbg': XLA's RngBitGenerator, T5X's
   `use_hardware_rng`, cheaper to compile and run but its bits may differ
-  between backends and shardings).
+  between backends and shardings). With model_config.dropout_mask='hash' (the
+  default) the key only draws two words per dropout layer and the masks are
+  hashed from them; with 'prng' it draws every mask bit.
   """
   model_dir = ckpt_lib.normalize_dir(model_dir)  # local or gs://
   epath.Path(model_dir).mkdir(parents=True, exist_ok=True)

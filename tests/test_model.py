@@ -317,3 +317,103 @@ def test_frozen_weights_stored_in_the_compute_dtype_give_the_same_numbers():
       outs.append((loss, grad['prompt']['prompt'], dec))
     for x, y in zip(*outs):
       np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def _primitive_shapes(fn, *args, name: str):
+  """Output shapes of every `name` primitive in fn's jaxpr, nested ones included."""
+  found = []
+
+  def walk(jaxpr):
+    for eqn in jaxpr.eqns:
+      if eqn.primitive.name == name:
+        found.extend(tuple(v.aval.shape) for v in eqn.outvars)
+      for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+        walk(sub)
+  walk(jax.make_jaxpr(fn)(*args).jaxpr)
+  return found
+
+
+def test_hash_dropout_masks_have_the_rate_and_no_structure():
+  """hash_keep_mask: keep rate 1 - rate overall and along every axis, no
+  correlation between neighbours along any axis or between masks of other
+  seeds, the same mask for the same seeds."""
+  from prompt_transfer.network import hash_keep_mask
+  shape = (4, 6, 96, 96)
+  n = np.prod(shape)
+  seeds = [np.array(s, np.uint32) for s in ((1, 2), (1, 3), (2, 2), (123456789, 987654321))]
+  masks = [np.asarray(hash_keep_mask(jnp.asarray(s), shape, 0.1)) for s in seeds]
+  np.testing.assert_array_equal(masks[0], np.asarray(hash_keep_mask(jnp.asarray(seeds[0]), shape, 0.1)))
+  sigma = np.sqrt(0.09 / n)
+  for m in masks:
+    assert m.dtype == np.bool_ and m.shape == shape
+    assert abs(m.mean() - 0.9) < 5 * sigma, m.mean()
+    for axis in range(len(shape)):  # every slice along each axis keeps ~90%
+      other = tuple(a for a in range(len(shape)) if a != axis)
+      per = m.mean(axis=other)
+      assert np.all(np.abs(per - 0.9) < 6 * np.sqrt(0.09 / (n / shape[axis]))), (axis, per)
+    x = m.astype(np.float32) - m.mean()
+    for axis in range(len(shape)):  # neighbours along each axis are independent
+      a, b = np.swapaxes(x, axis, -1)[..., 1:], np.swapaxes(x, axis, -1)[..., :-1]
+      corr = (a * b).mean() / x.var()
+      assert abs(corr) < 5 / np.sqrt(a.size), (axis, corr)
+  for i in range(len(masks)):  # masks of different seeds are independent
+    for j in range(i + 1, len(masks)):
+      a = masks[i].astype(np.float32) - 0.9
+      b = masks[j].astype(np.float32) - 0.9
+      assert abs((a * b).mean() / 0.09) < 5 / np.sqrt(n), (i, j)
+  # The rate is honoured at the extremes of its range.
+  assert float(hash_keep_mask(jnp.asarray(seeds[0]), (4096,), 0.5).mean()) == pytest.approx(0.5, abs=0.04)
+  assert bool(hash_keep_mask(jnp.asarray(seeds[0]), (4096,), 0.0).all())
+
+
+def test_dropout_module_scales_broadcasts_and_validates():
+  from prompt_transfer.network import Dropout
+  x = jnp.ones((4, 50, 64))
+  for mask in ('hash', 'prng'):
+    layer = Dropout(0.25, mask=mask)
+    y = np.asarray(layer.apply({}, x, rngs={'dropout': jax.random.PRNGKey(0)}))
+    # Inverted dropout: zeros or 1/(1-rate), mean preserved.
+    np.testing.assert_allclose(np.unique(y), [0.0, 1 / 0.75], rtol=1e-6)
+    assert abs(y.mean() - 1.0) < 5 * np.sqrt(0.25 * 0.75 / y.size) / 0.75
+    y2 = np.asarray(layer.apply({}, x, rngs={'dropout': jax.random.PRNGKey(1)}))
+    assert (y2 != y).mean() > 0.2  # another key, another mask
+    # broadcast_dims=(-2,) (T5X's hidden-state dropout): one mask per sequence.
+    yb = np.asarray(Dropout(0.25, broadcast_dims=(-2,), mask=mask).apply(
+        {}, x, rngs={'dropout': jax.random.PRNGKey(0)}))
+    assert np.all(yb == yb[:, :1, :]) and 0 < (yb == 0).mean() < 0.5
+  assert np.all(np.asarray(Dropout(1.0).apply({}, x, rngs={'dropout': jax.random.PRNGKey(0)})) == 0)
+  assert Dropout(0.0).apply({}, x) is x
+  with pytest.raises(ValueError, match="dropout_mask must be one of .*got 'bernoulli'"):
+    Dropout(0.1, mask='bernoulli').apply({}, x, rngs={'dropout': jax.random.PRNGKey(0)})
+  with pytest.raises(ValueError, match="dropout_mask must be one of .*got 'bernoulli'"):
+    _cfg(dropout_mask='bernoulli')  # a gin typo fails when the config is built
+
+
+def test_hash_dropout_draws_two_words_per_mask_and_trains_like_prng_dropout():
+  """With dropout_mask='hash' (the default) the prompt gradient draws only two
+  random words per dropout layer, never a mask-sized block of PRNG bits; its
+  loss over many dropout keys has the same mean as flax's bernoulli dropout."""
+  batch = {'encoder_input_tokens': ENC, 'decoder_input_tokens': DIN,
+           'decoder_target_tokens': TGT}
+  losses = {}
+  for mask in ('hash', 'prng'):
+    cfg = _cfg(dropout_rate=0.3, dropout_mask=mask)
+    model = build_model(cfg, prompt_length=4)
+    params = jax.tree_util.tree_map(lambda x: x * 3.0, model.init_params(jax.random.PRNGKey(0)))
+    prompt, frozen = split_prompt(params)
+
+    def grad(q, rng, model=model, frozen=frozen):
+      return jax.grad(lambda q: model.loss_fn(merge_prompt(q, frozen), batch, rng)[0])(q)
+    bits = _primitive_shapes(grad, prompt, jax.random.PRNGKey(0), name='random_bits')
+    if mask == 'hash':
+      assert bits and set(bits) == {(2,)}, bits
+    else:
+      assert max(np.prod(s) for s in bits) > 100, bits
+    keys = jax.random.split(jax.random.PRNGKey(7), 200)
+    loss = jax.jit(jax.vmap(lambda k, model=model, params=params:
+                            model.loss_fn(params, batch, k)[0]))
+    losses[mask] = np.asarray(loss(keys))
+  assert np.std(losses['hash']) > 0  # the masks change with the key
+  diff = abs(losses['hash'].mean() - losses['prng'].mean())
+  spread = np.sqrt((losses['hash'].var() + losses['prng'].var()) / 200)
+  assert diff < 4 * spread, (losses['hash'].mean(), losses['prng'].mean(), spread)
