@@ -61,6 +61,12 @@ with JAX's persistent compilation cache (`--compilation_cache_dir`, on by
 default) already filled by one untimed run, so the first step and the first
 decode load compiled programs instead of compiling (time and compiler memory).
 
+Per config one more fresh process measures the matmul rate of both frameworks
+on the step's main shape ([batch x (prompt + inputs), d_model] x [d_model,
+d_ff], run's dtype): `matmul_ceiling` gives each side's achieved GFLOP/s as a
+fraction of its framework's rate and the best train ratio ours could reach
+with every FLOP at XLA's rate against theirs as measured.
+
 Timings on a shared machine are noisy: the load average before and after each
 run is recorded with it, and every number is a median over pairs.
 """
@@ -219,7 +225,7 @@ def our_step_flops(hf_dir: str, prompt, args) -> Optional[float]:
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   from prompt_transfer import perf  # pylint: disable=g-import-not-at-top
   from prompt_transfer.trainer import make_train_step  # pylint: disable=g-import-not-at-top
-  model, trainable, frozen, tx = _our_setup(hf_dir, prompt)
+  model, trainable, frozen, tx = _our_setup(hf_dir, prompt, dtype=args.dtype)
   step = jax.jit(make_train_step(model, tx), donate_argnums=(0,))
   state = {'step': jnp.zeros((), jnp.int32), 'trainable': trainable,
            'opt_state': tx.init(trainable)}
@@ -484,6 +490,60 @@ def run_theirs(spec: Dict[str, Any]) -> Dict[str, Any]:
 
 
 # ---------------------------------------------------------------------------
+# Matmul ceiling: how fast each framework multiplies the step's main shape.
+# ---------------------------------------------------------------------------
+def run_gemm(spec: Dict[str, Any]) -> Dict[str, Any]:
+  """GFLOP/s of one [tokens, d_model] x [d_model, d_ff] matmul (the encoder
+  MLP's input projection, the step's most common product) in XLA and in torch,
+  in the run's dtype, best of `reps` after warm-up. Almost all of a train
+  step's FLOPs are matmuls of this size, so step_flops / these rates bound
+  each side's examples/s (summarise's `matmul_ceiling`)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  import torch  # pylint: disable=g-import-not-at-top
+  torch.set_num_threads(spec['threads'])
+  m, k, n = spec['gemm_shape']
+  flop = 2.0 * m * k * n
+  rs = np.random.RandomState(0)
+  a, b = rs.randn(m, k).astype(np.float32), rs.randn(k, n).astype(np.float32)
+  bf16 = spec.get('dtype') == 'bfloat16'
+
+  def best(fn, reps=30):
+    fn()
+    times = []
+    for _ in range(reps):
+      t0 = time.perf_counter()
+      fn()
+      times.append(time.perf_counter() - t0)
+    return flop / min(times) / 1e9
+  # Ours as network.einsum runs it: bf16 operands accumulate into float32.
+  dt = jnp.bfloat16 if bf16 else jnp.float32
+  ja, jb = jnp.asarray(a, dt), jnp.asarray(b, dt)
+  f = jax.jit(lambda x, y: jnp.matmul(x, y, preferred_element_type=jnp.float32))
+  xla = best(lambda: f(ja, jb).block_until_ready())
+  tdt = torch.bfloat16 if bf16 else torch.float32
+  ta, tb = torch.from_numpy(a).to(tdt), torch.from_numpy(b).to(tdt)
+  with torch.no_grad():
+    theirs = best(lambda: torch.matmul(ta, tb))
+  return {'shape': [m, k, n], 'dtype': spec.get('dtype', 'float32'),
+          'xla_gflop_per_s': xla, 'torch_gflop_per_s': theirs}
+
+
+def matmul_ceiling(gemm: Dict[str, Any], achieved: Dict[str, float]) -> Dict[str, Any]:
+  """What the matmul rates allow: each side's achieved GFLOP/s as a fraction
+  of its framework's matmul rate, and the best train ratio ours could reach
+  if every FLOP ran at XLA's rate while theirs stays as measured."""
+  out = dict(gemm)
+  rates = {'ours': gemm['xla_gflop_per_s'], 'ours_tuned': gemm['xla_gflop_per_s'],
+           'theirs': gemm['torch_gflop_per_s']}
+  out['fraction_of_matmul_rate'] = {side: v / rates[side] for side, v in achieved.items()}
+  if achieved.get('theirs'):
+    out['best_train_ratio_at_xla_matmul_rate'] = gemm['xla_gflop_per_s'] / achieved['theirs']
+  return out
+
+
+# ---------------------------------------------------------------------------
 # Driver.
 # ---------------------------------------------------------------------------
 def run_worker(side: str, spec: Dict[str, Any], timeout: float) -> Dict[str, Any]:
@@ -634,7 +694,8 @@ def main(argv: Optional[List[str]] = None) -> int:
   p.add_argument('--workdir', default=None, help='keep the exported models here')
   p.add_argument('--out', default=None, help='also write the JSON here')
   p.add_argument('--keep-tokens', action='store_true', help='keep decoded tokens in the JSON')
-  p.add_argument('--worker', choices=('ours', 'theirs', 'ours_tuned'), help=argparse.SUPPRESS)
+  p.add_argument('--worker', choices=('ours', 'theirs', 'ours_tuned', 'gemm'),
+                 help=argparse.SUPPRESS)
   p.add_argument('--spec', help=argparse.SUPPRESS)
   p.add_argument('--result', help=argparse.SUPPRESS)
   args = p.parse_args(argv)
@@ -644,6 +705,8 @@ def main(argv: Optional[List[str]] = None) -> int:
       spec = json.load(f)
     if args.worker == 'theirs':
       result = run_theirs(spec)
+    elif args.worker == 'gemm':
+      result = run_gemm(spec)
     else:
       result = run_ours(dict(spec, tuned=args.worker == 'ours_tuned'))
     with open(args.result, 'w') as f:
@@ -695,6 +758,12 @@ def main(argv: Optional[List[str]] = None) -> int:
               f'first step {r.get("first_step_s", float("nan")):.1f}s, '
               f'load {r["loadavg_before"][0]:.2f}', file=sys.stderr)
     summary = summarise(runs, prep['train_step_flops'], args.batch)
+    gemm_shape = [args.batch * (args.prompt_length + args.input_len),
+                  prep['config']['emb_dim'], prep['config']['mlp_dim']]
+    gemm = run_worker('gemm', dict(spec, gemm_shape=gemm_shape), args.timeout)
+    summary['matmul_ceiling'] = matmul_ceiling(
+        {k: gemm[k] for k in ('shape', 'dtype', 'xla_gflop_per_s', 'torch_gflop_per_s')},
+        summary['achieved_train_gflop_per_s'])
     summary['targets_met'] = targets_met(summary['ratios'])
     if args.tuned:
       summary['targets_met_tuned'] = targets_met(summary['ratios_tuned'])
@@ -722,6 +791,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         parts.append(f'{name}{label}: train {fmt(ra["train_examples_per_s"]["median"])}, '
                      f'peak RSS {fmt(ra["peak_rss_bytes"]["median"])}, '
                      f'decode {fmt(ra["decode_tokens_per_s"]["median"])}')
+    ceiling = r.get('matmul_ceiling', {}).get('best_train_ratio_at_xla_matmul_rate')
+    if ceiling:
+      parts[-1] += f' (train ceiling at XLA\'s matmul rate {fmt(ceiling)})'
   print('SUMMARY ours/theirs (median of ' f'{args.pairs} pairs, load {report["loadavg_start"][0]:.2f}'
         f'->{report["loadavg_end"][0]:.2f}): ' + '; '.join(parts))
   return 0
