@@ -278,7 +278,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     code = 2
   except Exception as e:  # errors we raise on purpose carry their own message
     from prompt_transfer import prompts, trainer  # pylint: disable=g-import-not-at-top
-    known = (prompts.PromptFileError, trainer.TrainingError, FileNotFoundError)
+    from prompt_transfer.config import ConfigError  # pylint: disable=g-import-not-at-top
+    known = (prompts.PromptFileError, trainer.TrainingError, ConfigError, FileNotFoundError)
     try:
       from prompt_transfer.checkpoint_import import CheckpointMismatchError  # pylint: disable=g-import-not-at-top
       known += (CheckpointMismatchError,)

@@ -16,8 +16,14 @@ import jax.numpy as jnp
 # T5X pads to a multiple of 128).
 T5_VOCAB_SIZE = 32128
 MT5_VOCAB_SIZE = 250112
-# T5Config.dropout_mask values (network.Dropout).
+# T5Config.dropout_mask values (network.Dropout) and remat_policy values
+# (network.REMAT_POLICIES).
 DROPOUT_MASKS = ('hash', 'prng')
+REMAT_POLICY_NAMES = ('dots', 'nothing')
+
+
+class ConfigError(ValueError):
+  """A model configuration that cannot be built; says the field, expected and got."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,8 +63,22 @@ class T5Config:
   name: str = 't5'
 
   def __post_init__(self):
+    # Checked here so a gin typo fails when the config is built, not at the
+    # first traced step.
     if self.dropout_mask not in DROPOUT_MASKS:
-      raise ValueError(f'dropout_mask must be one of {DROPOUT_MASKS}; got {self.dropout_mask!r}.')
+      raise ConfigError(f'dropout_mask must be one of {DROPOUT_MASKS}; got {self.dropout_mask!r}.')
+    if self.remat_policy not in REMAT_POLICY_NAMES:
+      raise ConfigError(f'remat_policy must be one of {REMAT_POLICY_NAMES}; '
+                        f'got {self.remat_policy!r}.')
+    for field in ('dtype', 'param_dtype'):
+      value = getattr(self, field)
+      try:
+        ok = jnp.issubdtype(jnp.dtype(value), jnp.floating)
+      except TypeError:
+        ok = False
+      if not ok:
+        raise ConfigError(f'{field} must be a floating dtype such as "float32" or "bfloat16"; '
+                          f'got {value!r}.')
 
   def replace(self, **changes: Any) -> 'T5Config':
     return dataclasses.replace(self, **changes)
@@ -112,9 +132,9 @@ def get_config(variant: str = 't5_1_1', size: str = 'small', **overrides: Any) -
   tests and the quick-start need no SentencePiece model.
   """
   if variant not in VARIANTS:
-    raise ValueError(f'Unknown T5 variant {variant!r}; expected one of {VARIANTS}.')
+    raise ConfigError(f'Unknown T5 variant {variant!r}; expected one of {VARIANTS}.')
   if size not in SIZES:
-    raise ValueError(f'Unknown T5 size {size!r}; expected one of {SIZES}.')
+    raise ConfigError(f'Unknown T5 size {size!r}; expected one of {SIZES}.')
   gated = variant != 't5_1_0'
   table = _T5_1_1_SIZES if gated else _T5_1_0_SIZES
   emb, mlp, heads, head_dim, layers = table[size]

@@ -429,7 +429,7 @@ def _num_layers(module: nn.Module, default: int) -> int:
   return len(names) if names else default
 
 
-# config.remat_policy -> jax.checkpoint policy. 'dots' saves only the
+# config.remat_policy (validated against config.REMAT_POLICY_NAMES) -> jax.checkpoint policy. 'dots' saves only the
 # projections against weights (no batch dims), so the backward pass recomputes
 # elementwise work and the small attention dots, not the matmuls.
 REMAT_POLICIES = {
@@ -442,9 +442,6 @@ def _layer_cls(cfg: T5Config, cls: type) -> type:
   # Recompute activations in the backward pass instead of storing them.
   if not cfg.remat:
     return cls
-  if cfg.remat_policy not in REMAT_POLICIES:
-    raise ValueError(f'remat_policy must be one of {sorted(REMAT_POLICIES)}; '
-                     f'got {cfg.remat_policy!r}.')
   # static_argnums count `self` as 0: the Python bools enable_dropout (and decode).
   return nn.remat(cls, static_argnums=(6, 7) if cls is DecoderLayer else (4,),
                   policy=REMAT_POLICIES[cfg.remat_policy])

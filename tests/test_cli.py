@@ -83,6 +83,11 @@ def test_errors_a_person_can_act_on(tmp_path, capsys):
   code, err = _in_process(capsys, 'train', *QUICK, f'--gin.MODEL_DIR={tmp_path}/c',
                           '--gin.MIXTURE_OR_TASK_NAME=synthetic_majority_yesn')
   assert code != 0 and 'synthetic_majority_yesno' in err and 'not registered' in err
+  # A model_config value that does not exist names the field and the choices.
+  code, err = _in_process(capsys, 'train', *QUICK, f'--gin.MODEL_DIR={tmp_path}/d',
+                          '--gin.model_config.dropout_mask="bernoulli"')
+  assert code == 1 and "dropout_mask must be one of ('hash', 'prng'); got 'bernoulli'" in err
+  assert 'model_config' in err and 'Traceback' not in err
   # Missing MODEL_DIR.
   code, err = _in_process(capsys, 'train', '--gin_file=runs/quickstart.gin')
   assert code != 0 and '--gin.MODEL_DIR' in err

@@ -228,10 +228,21 @@ def test_remat_gives_the_same_loss_gradient_and_decode(policy):
   np.testing.assert_array_equal(remat.predict_batch(params, dec), plain.predict_batch(params, dec))
 
 
-def test_unknown_remat_policy_is_refused():
-  model = build_model(_cfg().replace(remat=True, remat_policy='everything'), prompt_length=3)
-  with pytest.raises(ValueError, match='remat_policy must be one of'):
-    model.init_params(jax.random.PRNGKey(0))
+def test_config_refuses_unknown_remat_policy_dropout_mask_and_dtype():
+  from prompt_transfer.config import REMAT_POLICY_NAMES, ConfigError
+  from prompt_transfer.network import REMAT_POLICIES
+  assert set(REMAT_POLICIES) == set(REMAT_POLICY_NAMES)
+  with pytest.raises(ConfigError, match="remat_policy must be one of .*got 'everything'"):
+    _cfg().replace(remat=True, remat_policy='everything')
+  with pytest.raises(ConfigError, match="dropout_mask must be one of .*got 'bernoulli'"):
+    _cfg(dropout_mask='bernoulli')
+  with pytest.raises(ConfigError, match="dtype must be a floating dtype .*got 'bfloat61'"):
+    _cfg(dtype='bfloat61')
+  with pytest.raises(ConfigError, match="param_dtype must be a floating dtype .*got 'int32'"):
+    _cfg(param_dtype='int32')
+  with pytest.raises(ConfigError, match="Unknown T5 size 'huge'"):
+    get_config('t5_1_1', 'huge')
+  assert _cfg(dtype='bfloat16', dropout_mask='prng', remat_policy='nothing').dtype == 'bfloat16'
 
 
 def _dot_operand_dtypes(fn, *args):
@@ -385,8 +396,6 @@ def test_dropout_module_scales_broadcasts_and_validates():
   assert Dropout(0.0).apply({}, x) is x
   with pytest.raises(ValueError, match="dropout_mask must be one of .*got 'bernoulli'"):
     Dropout(0.1, mask='bernoulli').apply({}, x, rngs={'dropout': jax.random.PRNGKey(0)})
-  with pytest.raises(ValueError, match="dropout_mask must be one of .*got 'bernoulli'"):
-    _cfg(dropout_mask='bernoulli')  # a gin typo fails when the config is built
 
 
 def test_hash_dropout_draws_two_words_per_mask_and_trains_like_prng_dropout():
