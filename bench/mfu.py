@@ -96,7 +96,7 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
 
   # Model FLOPs: the same step without remat, counted before compiling (no
   # recomputation in the count).
-  count_model = setup['model'] if not args.remat else build(args, remat=False)['model']
+  count_model = setup['model'].with_config(remat=False)
   flops = perf.lowered_flops(jax.jit(make_train_step(count_model, setup['tx'])),
                              state, frozen, data[0], rng)
   load_s = time.perf_counter() - t0

@@ -42,6 +42,13 @@ class EncoderDecoderModel:
     self._predict_jit = jax.jit(self._predict, static_argnames=('num_decodes',))
     self._score_jit = jax.jit(self._score)
 
+  def with_config(self, **changes: Any) -> 'EncoderDecoderModel':
+    """The same model (prompt module, vocabulary, losses) under
+    config.replace(**changes); e.g. remat=False to count model FLOPs."""
+    config = self.config.replace(**changes)
+    return EncoderDecoderModel(config, self.module.clone(config=config), self.vocabulary,
+                               z_loss=self.z_loss, label_smoothing=self.label_smoothing)
+
   # ---- parameters -----------------------------------------------------------
   def _dummy_batch(self, batch_size: int = 1, input_len: int = 4, target_len: int = 4):
     return (jnp.ones((batch_size, input_len), jnp.int32),

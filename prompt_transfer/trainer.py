@@ -139,6 +139,16 @@ def make_train_step(model: EncoderDecoderModel, tx: optax.GradientTransformation
   return train_step
 
 
+def _model_flops_step(model: EncoderDecoderModel, tx: optax.GradientTransformation,
+                      use_dropout: bool, jitted_step: Callable) -> Callable:
+  """The step whose FLOPs count as model FLOPs: with remat, the same step
+  without it (rematerialised forward passes are not useful work, so MFU
+  does not count them); otherwise the jitted step itself."""
+  if not model.config.remat:
+    return jitted_step
+  return jax.jit(make_train_step(model.with_config(remat=False), tx, use_dropout))
+
+
 # ---------------------------------------------------------------------------
 # Model and data set-up.
 # ---------------------------------------------------------------------------
@@ -451,7 +461,8 @@ def train(
       batch = partitioning.global_batch({k: batch[k] for k in evaluation.MODEL_KEYS}, mesh)
       with partitioning.mesh_context(mesh):
         if step == start_step:
-          step_flops = perf.lowered_flops(p_train_step, state, frozen, batch, dropout_rng)
+          step_flops = perf.lowered_flops(_model_flops_step(model, tx, use_dropout, p_train_step),
+                                          state, frozen, batch, dropout_rng)
         state, metrics = p_train_step(state, frozen, batch,
                                       jax.random.fold_in(dropout_rng, step))
       if step == start_step:

@@ -183,6 +183,19 @@ def test_metrics_report_flops_and_no_recompilation(straight_run):
   assert 'mfu' not in recs[-1]  # no peak FLOP/s is known for CPUs
 
 
+def test_remat_trains_the_same_and_logs_model_flops_without_recomputation(straight_run, tmp_path):
+  """model_config.remat=True: the same losses as without remat (same dropout
+  masks, same numbers), and train_step_flops (what MFU divides) counts the
+  model's FLOPs, not the rematerialised forward passes."""
+  _train(tmp_path, 10, config=CONFIG.replace(remat=True), checkpoint_period=10)
+  read = lambda d: {r['step']: r for r in map(json.loads, open(os.path.join(d, 'metrics.jsonl')))}  # noqa: E731
+  remat, plain = read(tmp_path), read(straight_run)
+  assert sorted(remat) == [1, 5, 10]
+  for step in remat:
+    assert remat[step]['loss'] == pytest.approx(plain[step]['loss'], rel=1e-5)
+    assert remat[step]['train_step_flops'] == plain[step]['train_step_flops']
+
+
 def test_bfloat16_activations_train_a_float32_prompt(tmp_path):
   """model_config.dtype='bfloat16': frozen kernels stored in bf16, the prompt and
   its optimizer state stay float32, and the loss goes down."""
