@@ -429,9 +429,10 @@ def _num_layers(module: nn.Module, default: int) -> int:
   return len(names) if names else default
 
 
-# config.remat_policy (validated against config.REMAT_POLICY_NAMES) -> jax.checkpoint policy. 'dots' saves only the
-# projections against weights (no batch dims), so the backward pass recomputes
-# elementwise work and the small attention dots, not the matmuls.
+# config.remat_policy (one of config.REMAT_POLICY_NAMES) -> jax.checkpoint
+# policy. 'dots' saves only the projections against weights (no batch dims), so
+# the backward pass recomputes elementwise work and the small attention dots,
+# not the matmuls.
 REMAT_POLICIES = {
     'dots': jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
     'nothing': jax.checkpoint_policies.nothing_saveable,

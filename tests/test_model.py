@@ -245,19 +245,23 @@ def test_config_refuses_unknown_remat_policy_dropout_mask_and_dtype():
   assert _cfg(dtype='bfloat16', dropout_mask='prng', remat_policy='nothing').dtype == 'bfloat16'
 
 
-def _dot_operand_dtypes(fn, *args):
-  """(lhs, rhs, preferred) dtypes of every dot_general in fn's jaxpr, nested ones too."""
-  found = []
-
+def _equations(fn, *args, name: str) -> list:
+  """Every `name` equation in fn's jaxpr, those in nested jaxprs (jit, remat,
+  custom_vjp) included."""
   def walk(jaxpr):
     for eqn in jaxpr.eqns:
-      if eqn.primitive.name == 'dot_general':
-        found.append((str(eqn.invars[0].aval.dtype), str(eqn.invars[1].aval.dtype),
-                      str(eqn.params['preferred_element_type'])))
+      if eqn.primitive.name == name:
+        yield eqn
       for sub in jax.extend.core.jaxprs_in_params(eqn.params):
-        walk(sub)
-  walk(jax.make_jaxpr(fn)(*args).jaxpr)
-  return found
+        yield from walk(sub)
+  return list(walk(jax.make_jaxpr(fn)(*args).jaxpr))
+
+
+def _dot_operand_dtypes(fn, *args):
+  """(lhs, rhs, preferred) dtypes of every dot_general in fn's jaxpr, nested ones too."""
+  return [(str(eqn.invars[0].aval.dtype), str(eqn.invars[1].aval.dtype),
+           str(eqn.params['preferred_element_type']))
+          for eqn in _equations(fn, *args, name='dot_general')]
 
 
 def test_bfloat16_products_take_bf16_operands_forward_and_backward():
@@ -330,20 +334,6 @@ def test_frozen_weights_stored_in_the_compute_dtype_give_the_same_numbers():
       np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
-def _primitive_shapes(fn, *args, name: str):
-  """Output shapes of every `name` primitive in fn's jaxpr, nested ones included."""
-  found = []
-
-  def walk(jaxpr):
-    for eqn in jaxpr.eqns:
-      if eqn.primitive.name == name:
-        found.extend(tuple(v.aval.shape) for v in eqn.outvars)
-      for sub in jax.extend.core.jaxprs_in_params(eqn.params):
-        walk(sub)
-  walk(jax.make_jaxpr(fn)(*args).jaxpr)
-  return found
-
-
 def test_hash_dropout_masks_have_the_rate_and_no_structure():
   """hash_keep_mask: keep rate 1 - rate overall and along every axis, no
   correlation between neighbours along any axis or between masks of other
@@ -413,7 +403,9 @@ def test_hash_dropout_draws_two_words_per_mask_and_trains_like_prng_dropout():
 
     def grad(q, rng, model=model, frozen=frozen):
       return jax.grad(lambda q: model.loss_fn(merge_prompt(q, frozen), batch, rng)[0])(q)
-    bits = _primitive_shapes(grad, prompt, jax.random.PRNGKey(0), name='random_bits')
+    bits = [tuple(v.aval.shape) for eqn in
+            _equations(grad, prompt, jax.random.PRNGKey(0), name='random_bits')
+            for v in eqn.outvars]
     if mask == 'hash':
       assert bits and set(bits) == {(2,)}, bits
     else:
