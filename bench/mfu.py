@@ -42,7 +42,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 
-def build(args: argparse.Namespace, remat: bool) -> Dict[str, Any]:
+def build(args: argparse.Namespace) -> Dict[str, Any]:
   """Model, optimizer, device-resident state and frozen weights, as the trainer loads them."""
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
@@ -51,7 +51,8 @@ def build(args: argparse.Namespace, remat: bool) -> Dict[str, Any]:
   from prompt_transfer.models import build_model, frozen_storage_dtype  # pylint: disable=g-import-not-at-top
   from prompt_transfer.trainer import partition_params, prompt_tuning_optimizer  # pylint: disable=g-import-not-at-top
   overrides = {'vocab_size': args.vocab_size} if args.vocab_size else {}
-  config = get_config(args.variant, args.size, dtype=args.dtype, remat=remat, **overrides)
+  config = get_config(args.variant, args.size, dtype=args.dtype, remat=args.remat,
+                      **overrides)
   model = build_model(config, prompt_length=args.prompt_length)
   params = jax.jit(model.init_params)(jax.random.PRNGKey(args.seed))
   trainable, frozen = partition_params(params, 'encoder/prompt/.*')
@@ -87,7 +88,7 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
   from prompt_transfer.trainer import dropout_key, make_train_step  # pylint: disable=g-import-not-at-top
 
   t0 = time.perf_counter()
-  setup = build(args, remat=args.remat)
+  setup = build(args)
   data = batches(args, setup['config'].vocab_size)
   data = [jax.device_put(b) for b in data]
   step_fn = jax.jit(make_train_step(setup['model'], setup['tx']), donate_argnums=(0,))
@@ -143,8 +144,9 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
 def main(argv: Optional[List[str]] = None) -> int:
   p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0],
                               formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument('--variant', default='t5_1_1')
-  p.add_argument('--size', default='base')
+  from prompt_transfer.config import SIZES, VARIANTS  # pylint: disable=g-import-not-at-top
+  p.add_argument('--variant', choices=VARIANTS, default='t5_1_1')
+  p.add_argument('--size', choices=SIZES, default='base')
   p.add_argument('--vocab-size', type=int, default=None,
                  help='override the config (tiny configs default to a byte vocabulary)')
   p.add_argument('--dtype', choices=('float32', 'bfloat16'), default='bfloat16')

@@ -42,3 +42,6 @@ def test_mfu_script_refuses_empty_shapes():
   proc = subprocess.run([sys.executable, os.path.join(ROOT, 'bench', 'mfu.py'), '--batch', '0'],
                         capture_output=True, text=True, timeout=120, cwd=ROOT)
   assert proc.returncode == 2 and '--batch must be at least 1, got 0' in proc.stderr
+  proc = subprocess.run([sys.executable, os.path.join(ROOT, 'bench', 'mfu.py'), '--size', 'huge'],
+                        capture_output=True, text=True, timeout=120, cwd=ROOT)
+  assert proc.returncode == 2 and "invalid choice: 'huge'" in proc.stderr and "'base'" in proc.stderr
