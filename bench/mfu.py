@@ -7,9 +7,9 @@
 Issue #7's accelerator target (T5-base prompt tuning at >= 40% MFU) in one
 command with nothing to download: a randomly initialised T5 of the named size
 (the frozen weights' values do not change the speed), random full-length
-token batches, the trainer's own step (trainer.make_train_step: prompt-only
-gradients, Adafactor, dropout on, state donated) jitted like `t5x train`, with
-the frozen weights stored as the trainer stores them (models.frozen_storage_dtype).
+token batches, the trainer's own set-up and step (training.state.set_up and
+training.step.compile_train_step: prompt-only gradients, Adafactor, dropout on,
+state donated, frozen weights stored as the trainer stores them).
 Needs jax, flax, optax and gin (no TensorFlow, seqio or data).
 
 Reports JSON: device kind, step time (median of the timed steps), examples
@@ -30,7 +30,6 @@ carry ['.whl'] and the command
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import os
 import statistics
@@ -43,27 +42,21 @@ sys.path.insert(0, ROOT)
 
 
 def build(args: argparse.Namespace) -> Dict[str, Any]:
-  """Model, optimizer, device-resident state and frozen weights, as the trainer loads them."""
+  """The trainer's set-up (training.state.set_up) of a random model on one device."""
   import jax  # pylint: disable=g-import-not-at-top
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  from prompt_transfer import partitioning  # pylint: disable=g-import-not-at-top
-  from prompt_transfer.config import get_config  # pylint: disable=g-import-not-at-top
-  from prompt_transfer.models import build_model, frozen_storage_dtype  # pylint: disable=g-import-not-at-top
-  from prompt_transfer.trainer import partition_params, prompt_tuning_optimizer  # pylint: disable=g-import-not-at-top
+  from prompt_transfer.model.config import get_config  # pylint: disable=g-import-not-at-top
+  from prompt_transfer.model.models import build_model  # pylint: disable=g-import-not-at-top
+  from prompt_transfer.prompts.free import free_prompt  # pylint: disable=g-import-not-at-top
+  from prompt_transfer.training import partitioning  # pylint: disable=g-import-not-at-top
+  from prompt_transfer.training.state import prompt_tuning_optimizer, set_up  # pylint: disable=g-import-not-at-top
   overrides = {'vocab_size': args.vocab_size} if args.vocab_size else {}
   config = get_config(args.variant, args.size, dtype=args.dtype, remat=args.remat,
                       **overrides)
-  model = build_model(config, prompt_length=args.prompt_length)
-  params = jax.jit(model.init_params)(jax.random.PRNGKey(args.seed))
-  trainable, frozen = partition_params(params, 'encoder/prompt/.*')
-  del params
-  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-  frozen = partitioning.put_consuming(frozen, device,
-                                     functools.partial(frozen_storage_dtype, config))
-  tx = prompt_tuning_optimizer(0.3)
-  state = {'step': jnp.zeros((), jnp.int32), 'trainable': trainable,
-           'opt_state': tx.init(trainable)}
-  return {'config': config, 'model': model, 'tx': tx, 'state': state, 'frozen': frozen}
+  model = build_model(config, free_prompt(args.prompt_length))
+  frozen = jax.device_get(build_model(config).init_params(jax.random.PRNGKey(args.seed)))
+  mesh = partitioning.make_mesh(devices=jax.devices()[:1])
+  return set_up(model, frozen, prompt_tuning_optimizer(0.3), mesh,
+                jax.random.PRNGKey(args.seed))
 
 
 def batches(args: argparse.Namespace, vocab_size: int, n: int = 4) -> List[Dict[str, Any]]:
@@ -84,22 +77,21 @@ def batches(args: argparse.Namespace, vocab_size: int, n: int = 4) -> List[Dict[
 
 def run(args: argparse.Namespace) -> Dict[str, Any]:
   import jax  # pylint: disable=g-import-not-at-top
-  from prompt_transfer import perf  # pylint: disable=g-import-not-at-top
-  from prompt_transfer.trainer import dropout_key, make_train_step  # pylint: disable=g-import-not-at-top
+  from prompt_transfer.training import partitioning, perf  # pylint: disable=g-import-not-at-top
+  from prompt_transfer.training.step import compile_train_step, dropout_key, model_flops_step  # pylint: disable=g-import-not-at-top
 
   t0 = time.perf_counter()
   setup = build(args)
-  data = batches(args, setup['config'].vocab_size)
-  data = [jax.device_put(b) for b in data]
-  step_fn = jax.jit(make_train_step(setup['model'], setup['tx']), donate_argnums=(0,))
+  data = batches(args, setup.model.config.vocab_size)
+  data = [partitioning.global_batch(b, setup.mesh) for b in data]
+  step_fn = compile_train_step(setup)  # the trainer's jitted step (state donated)
   rng = dropout_key(args.seed)
-  state, frozen = setup['state'], setup['frozen']
+  state, frozen = setup.state, setup.frozen
+  setup.state = None
 
   # Model FLOPs: the same step without remat, counted before compiling (no
   # recomputation in the count).
-  count_model = setup['model'].with_config(remat=False)
-  flops = perf.lowered_flops(jax.jit(make_train_step(count_model, setup['tx'])),
-                             state, frozen, data[0], rng)
+  flops = perf.lowered_flops(model_flops_step(setup, True, step_fn), state, frozen, data[0], rng)
   load_s = time.perf_counter() - t0
 
   t0 = time.perf_counter()
@@ -126,7 +118,7 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
       'benchmark': 'prompt-tuning train step, one device',
       'device_kind': device.device_kind, 'platform': device.platform,
       'jax': jax.__version__,
-      'config': setup['config'].describe(), 'dtype': args.dtype, 'remat': args.remat,
+      'config': setup.model.config.describe(), 'dtype': args.dtype, 'remat': args.remat,
       'prompt_length': args.prompt_length, 'batch': args.batch,
       'input_len': args.input_len, 'target_len': args.target_len,
       'load_s': load_s, 'first_step_s': first_step_s, 'timed_steps': args.steps,
@@ -144,7 +136,7 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
 def main(argv: Optional[List[str]] = None) -> int:
   p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0],
                               formatter_class=argparse.RawDescriptionHelpFormatter)
-  from prompt_transfer.config import SIZES, VARIANTS  # pylint: disable=g-import-not-at-top
+  from prompt_transfer.model.config import SIZES, VARIANTS  # pylint: disable=g-import-not-at-top
   p.add_argument('--variant', choices=VARIANTS, default='t5_1_1')
   p.add_argument('--size', choices=SIZES, default='base')
   p.add_argument('--vocab-size', type=int, default=None,

@@ -9,11 +9,11 @@ Run by hand (not part of the test suite):
 
 Both sides get the SAME frozen model and the SAME initial prompt: the parent
 process initialises a random T5 with our code (seeded), exports it as a Hugging
-Face directory (prompt_transfer.export) and saves the prompt as .npy; each side
+Face directory (prompt_transfer.model.export) and saves the prompt as .npy; each side
 loads that directory with its own loader (ours: checkpoint_import.read_hf_checkpoint,
 as the trainer does; theirs: T5ForConditionalGeneration.from_pretrained).
 
-  ours:   prompt_transfer.models.build_model + a jitted prompt-only train step
+  ours:   prompt_transfer.model.models.build_model + a jitted prompt-only train step
           written like trainer.train's (value_and_grad w.r.t. the prompt subtree
           only, frozen weights passed as a constant argument, optax.adafactor
           lr 0.3 / decay 0.8 / no parameter scaling / weight decay 1e-5 /
@@ -73,7 +73,6 @@ run is recorded with it, and every number is a median over pairs.
 from __future__ import annotations
 
 import argparse
-import functools
 import importlib.metadata
 import json
 import os
@@ -183,9 +182,9 @@ def prepare(name: str, args: argparse.Namespace, directory: str) -> Dict[str, An
   """Writes the HF export, prompt.npy and data.npz for config `name`."""
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
-  from prompt_transfer.config import get_config  # pylint: disable=g-import-not-at-top
-  from prompt_transfer.export import export_hf_checkpoint  # pylint: disable=g-import-not-at-top
-  from prompt_transfer.models import build_model  # pylint: disable=g-import-not-at-top
+  from prompt_transfer.model.config import get_config  # pylint: disable=g-import-not-at-top
+  from prompt_transfer.model.export import export_hf_checkpoint  # pylint: disable=g-import-not-at-top
+  from prompt_transfer.model.models import build_model  # pylint: disable=g-import-not-at-top
 
   config = get_config(**CONFIGS[name])
   params = build_model(config).init_params(jax.random.PRNGKey(args.seed))
@@ -223,12 +222,10 @@ def our_step_flops(hf_dir: str, prompt, args) -> Optional[float]:
   """XLA's FLOP count of our train step (compiled here, outside the paired runs)."""
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  from prompt_transfer import perf  # pylint: disable=g-import-not-at-top
-  from prompt_transfer.trainer import make_train_step  # pylint: disable=g-import-not-at-top
-  model, trainable, frozen, tx = _our_setup(hf_dir, prompt, dtype=args.dtype)
-  step = jax.jit(make_train_step(model, tx), donate_argnums=(0,))
-  state = {'step': jnp.zeros((), jnp.int32), 'trainable': trainable,
-           'opt_state': tx.init(trainable)}
+  from prompt_transfer.training import perf  # pylint: disable=g-import-not-at-top
+  from prompt_transfer.training.step import compile_train_step  # pylint: disable=g-import-not-at-top
+  setup = _our_setup(hf_dir, prompt, dtype=args.dtype)
+  step, state, frozen = compile_train_step(setup), setup.state, setup.frozen
   shape = lambda *s: jax.ShapeDtypeStruct(s, jnp.int32)  # noqa: E731
   batch = {'encoder_input_tokens': shape(args.batch, args.input_len),
            'decoder_input_tokens': shape(args.batch, args.target_len),
@@ -256,47 +253,44 @@ def _decode_fields(first_decode_s: float, times: List[float], tokens: Any) -> Di
 
 
 def _our_setup(hf_dir: str, prompt, tuned: bool = False, dtype: str = 'float32'):
-  """Loads like trainer.train: prompt initialised against the loaded weights,
-  frozen weights moved to the device one array at a time."""
+  """Loads as trainer.train does, with its own set-up (training.state.set_up):
+  prompt initialised against the loaded weights, frozen weights moved to the
+  device one array at a time, on a one-device mesh."""
   import jax  # pylint: disable=g-import-not-at-top
-  from prompt_transfer import partitioning  # pylint: disable=g-import-not-at-top
-  from prompt_transfer.checkpoint_import import read_hf_checkpoint  # pylint: disable=g-import-not-at-top
-  from prompt_transfer.models import build_model, frozen_storage_dtype  # pylint: disable=g-import-not-at-top
-  from prompt_transfer.prompts import from_array  # pylint: disable=g-import-not-at-top
-  # The trainer's own helpers: importing trainer loads no TF, seqio or orbax.
-  from prompt_transfer.trainer import partition_params, prompt_tuning_optimizer  # pylint: disable=g-import-not-at-top
+  from prompt_transfer.model.checkpoint_import import read_hf_checkpoint  # pylint: disable=g-import-not-at-top
+  from prompt_transfer.model.models import build_model  # pylint: disable=g-import-not-at-top
+  from prompt_transfer.prompts.free import free_prompt  # pylint: disable=g-import-not-at-top
+  from prompt_transfer.prompts.initializers import from_array  # pylint: disable=g-import-not-at-top
+  from prompt_transfer.training import partitioning  # pylint: disable=g-import-not-at-top
+  # Importing the set-up loads no TF, seqio or orbax.
+  from prompt_transfer.training.state import prompt_tuning_optimizer, set_up  # pylint: disable=g-import-not-at-top
   config, host_params = read_hf_checkpoint(hf_dir)
   # --dtype bfloat16: `--gin.model_config.dtype="bfloat16"` (weights stay float32;
   # the frozen kernels and embeddings are stored in bf16, as the trainer does).
   config = config.replace(dtype=dtype)
   if tuned:
     config = config.replace(remat=True)  # remat_policy 'dots' (the default)
-  model = build_model(config, prompt_length=prompt.shape[0], prompt_init=from_array(prompt))
-  params = model.init_prompt(jax.random.PRNGKey(0), host_params)
-  del host_params
-  trainable, frozen = partition_params(params, PROMPT_PARAMS)
-  del params
-  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-  frozen = partitioning.put_consuming(frozen, device, functools.partial(frozen_storage_dtype, config))
-  trainable = partitioning.put(trainable, device)
-  partitioning.release_host_memory()
-  tx = prompt_tuning_optimizer(0.3)  # trainer.train's default (runs/prompt_tune.gin)
-  return model, trainable, frozen, tx
+  model = build_model(config, free_prompt(prompt.shape[0], from_array(prompt)))
+  mesh = partitioning.make_mesh(devices=jax.devices()[:1])
+  # trainer.train's default optimizer (runs/prompt_tune.gin).
+  return set_up(model, host_params, prompt_tuning_optimizer(0.3), mesh, jax.random.PRNGKey(0),
+                PROMPT_PARAMS)
 
 
 def run_ours(spec: Dict[str, Any]) -> Dict[str, Any]:
   """Our side; spec['tuned'] turns on the trainer's speed/memory options."""
   tuned = bool(spec.get('tuned'))
   if tuned:  # what `t5x train --gin.model_config.remat=True` does before JAX starts
-    from prompt_transfer import perf as perf_lib  # pylint: disable=g-import-not-at-top
+    from prompt_transfer.training import perf as perf_lib  # pylint: disable=g-import-not-at-top
     perf_lib.use_remat_friendly_cpu_scheduler()
   phases = {'start': _proc_status()}
   t_import = time.perf_counter()
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
-  from prompt_transfer import partitioning, perf  # pylint: disable=g-import-not-at-top
-  from prompt_transfer.trainer import dropout_key, make_train_step, merge_params  # pylint: disable=g-import-not-at-top
+  from prompt_transfer.training import partitioning, perf  # pylint: disable=g-import-not-at-top
+  from prompt_transfer.training.state import merge_params  # pylint: disable=g-import-not-at-top
+  from prompt_transfer.training.step import compile_train_step, dropout_key  # pylint: disable=g-import-not-at-top
   t_import = time.perf_counter() - t_import
   phases['after_import'] = _proc_status()
   if spec.get('compilation_cache'):  # what `t5x --compilation_cache_dir` does
@@ -304,24 +298,23 @@ def run_ours(spec: Dict[str, Any]) -> Dict[str, Any]:
 
   t_load = time.perf_counter()
   prompt = np.load(spec['prompt'])
-  model, trainable, frozen, tx = _our_setup(spec['hf_dir'], prompt, tuned=tuned,
-                                            dtype=spec.get('dtype', 'float32'))
-  jax.block_until_ready((trainable, frozen))
+  setup = _our_setup(spec['hf_dir'], prompt, tuned=tuned, dtype=spec.get('dtype', 'float32'))
+  model, frozen = setup.model, setup.frozen
+  jax.block_until_ready((setup.state, frozen))
   t_load = time.perf_counter() - t_load
   phases['after_load'] = _proc_status()
 
   with np.load(spec['data']) as f:
     data = {k: f[k] for k in f.files}
   n = data['encoder_input_tokens'].shape[0]
-  batches = [{k: v[i] for k, v in data.items()} for i in range(n)]
+  batches = [partitioning.global_batch({k: v[i] for k, v in data.items()}, setup.mesh)
+             for i in range(n)]
   batch_size = batches[0]['encoder_input_tokens'].shape[0]
   out: Dict[str, Any] = {}
 
   if spec['steps'] > 0:
-    step_fn = jax.jit(make_train_step(model, tx), donate_argnums=(0,))
-    state = {'step': jnp.zeros((), jnp.int32), 'trainable': trainable,
-             'opt_state': tx.init(trainable)}
-    del trainable
+    step_fn = compile_train_step(setup)  # the trainer's jitted step (state donated)
+    state, setup.state = setup.state, None
     # tuned: train.rng_impl='rbg', dropout bits from XLA's RngBitGenerator
     # (T5X's use_hardware_rng) instead of threefry.
     rng = dropout_key(spec['seed'], 'rbg' if tuned else 'threefry')
@@ -517,7 +510,7 @@ def run_gemm(spec: Dict[str, Any]) -> Dict[str, Any]:
       fn()
       times.append(time.perf_counter() - t0)
     return flop / min(times) / 1e9
-  # Ours as network.einsum runs it: bf16 operands accumulate into float32.
+  # Ours as layers.einsum runs it: bf16 operands accumulate into float32.
   dt = jnp.bfloat16 if bf16 else jnp.float32
   ja, jb = jnp.asarray(a, dt), jnp.asarray(b, dt)
   f = jax.jit(lambda x, y: jnp.matmul(x, y, preferred_element_type=jnp.float32))

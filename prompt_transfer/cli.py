@@ -115,9 +115,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # Commands implemented in their method's module (added as issues land).
-EXTRA_COMMANDS = {'curves': 'prompt_transfer.curves',
-                  'similarity': 'prompt_transfer.transfer_cli',
-                  'transfer-matrix': 'prompt_transfer.transfer_cli'}
+EXTRA_COMMANDS = {'curves': 'prompt_transfer.analysis.curves',
+                  'similarity': 'prompt_transfer.analysis.transfer_cli',
+                  'transfer-matrix': 'prompt_transfer.analysis.transfer_cli'}
 
 
 def gin_value(text: str) -> str:
@@ -151,7 +151,8 @@ def split_gin_overrides(argv: Sequence[str]) -> tuple[list, list]:
 
 def parse_gin(args: argparse.Namespace, bindings: List[str], command: str) -> None:
   import gin  # pylint: disable=g-import-not-at-top
-  from prompt_transfer import configurables  # noqa: F401  pylint: disable=g-import-not-at-top
+  # Registers every configurable the gin files bind (entry points included).
+  from prompt_transfer.training import configurables, evaluation, trainer  # noqa: F401  pylint: disable=g-import-not-at-top
   paths = [os.getcwd()] + [p for p in args.gin_search_paths.split(',') if p] + [
       packaged_gin_dir()]
   for path in paths:
@@ -239,7 +240,7 @@ def run(argv: Optional[Sequence[str]] = None) -> int:
     return list_tasks(args.filter)
   if args.command in EXTRA_COMMANDS:
     return importlib.import_module(EXTRA_COMMANDS[args.command]).run(args, bindings)
-  from prompt_transfer import partitioning  # pylint: disable=g-import-not-at-top
+  from prompt_transfer.training import partitioning  # pylint: disable=g-import-not-at-top
   # No coordinator: a single process, or a Cloud TPU VM that JAX discovers itself.
   partitioning.initialize_distributed(args.coordinator_address, args.process_count,
                                       args.process_index)
@@ -247,11 +248,11 @@ def run(argv: Optional[Sequence[str]] = None) -> int:
   parse_gin(args, bindings, args.command)
   _configure_tasks()
   import gin  # pylint: disable=g-import-not-at-top
-  from prompt_transfer import perf  # pylint: disable=g-import-not-at-top
+  from prompt_transfer.training import perf  # pylint: disable=g-import-not-at-top
   if _binding('model_config.remat'):  # before the first computation starts the backend
     perf.use_remat_friendly_cpu_scheduler()
   perf.use_compilation_cache(args.compilation_cache_dir)
-  from prompt_transfer import evaluation, trainer  # pylint: disable=g-import-not-at-top
+  from prompt_transfer.training import evaluation, trainer  # pylint: disable=g-import-not-at-top
   entry: Callable = {'train': trainer.train, 'eval': evaluation.evaluate,
                      'infer': evaluation.infer}[args.command]
   gin.finalize()
@@ -277,11 +278,16 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     print(f't5x: error: {e}', file=sys.stderr)
     code = 2
   except Exception as e:  # errors we raise on purpose carry their own message
-    from prompt_transfer import prompts, trainer  # pylint: disable=g-import-not-at-top
-    from prompt_transfer.config import ConfigError  # pylint: disable=g-import-not-at-top
-    known = (prompts.PromptFileError, trainer.TrainingError, ConfigError, FileNotFoundError)
+    from prompt_transfer.model.config import ConfigError  # pylint: disable=g-import-not-at-top
+    from prompt_transfer.prompts.files import PromptFileError  # pylint: disable=g-import-not-at-top
+    from prompt_transfer.training.data import DataError  # pylint: disable=g-import-not-at-top
+    from prompt_transfer.training.stages import StageError  # pylint: disable=g-import-not-at-top
+    from prompt_transfer.training.state import TrainingError  # pylint: disable=g-import-not-at-top
+    from prompt_transfer.analysis.library import IncompatiblePromptError  # pylint: disable=g-import-not-at-top
+    known = (PromptFileError, TrainingError, ConfigError, FileNotFoundError, DataError,
+             StageError, IncompatiblePromptError)
     try:
-      from prompt_transfer.checkpoint_import import CheckpointMismatchError  # pylint: disable=g-import-not-at-top
+      from prompt_transfer.model.checkpoint_import import CheckpointMismatchError  # pylint: disable=g-import-not-at-top
       known += (CheckpointMismatchError,)
     except ImportError:
       pass

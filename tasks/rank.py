@@ -12,7 +12,7 @@ For a task with fixed label words, `add_rank_task(name)` registers
   scalar features of the example (e.g. MultiRC's 'question_idx') are repeated.
 * the task's only metric is a *score* metric (`metric_fn(targets, scores)`), so
   `seqio.Evaluator` calls the `score_fn` (the log-likelihood of each candidate,
-  `prompt_transfer.evaluation.make_score_fn`) instead of decoding; per 'idx' the
+  `prompt_transfer.training.evaluation.make_score_fn`) instead of decoding; per 'idx' the
   highest-scoring candidate is the prediction. The prediction and the gold
   target go through the original task's postprocess_fn and then its own metric
   fns, so the twin reports the same metric names (accuracy, mcc, f1, F1a/EM,

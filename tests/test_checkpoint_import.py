@@ -1,4 +1,4 @@
-"""Tests of prompt_transfer.checkpoint_import (Hugging Face and T5X readers/writer)."""
+"""Tests of prompt_transfer.model.checkpoint_import (Hugging Face and T5X readers/writer)."""
 import json
 import os
 import pathlib
@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from safetensors.numpy import save_file
 
-from prompt_transfer import checkpoint_import as ci
-from prompt_transfer.config import T5Config, get_config
+from prompt_transfer.model import checkpoint_import as ci
+from prompt_transfer.model.config import T5Config, get_config
 
 # ../shared/data relative to the repository root (CI always has it; a fresh
 # clone does not).
@@ -502,7 +502,7 @@ def test_check_params_messages():
 
 def test_param_shapes_match_network():
   jax = pytest.importorskip('jax')
-  network = pytest.importorskip('prompt_transfer.network')
+  network = pytest.importorskip('prompt_transfer.model.network')
   for variant in ('t5_1_0', 't5_1_1'):
     cfg = get_config(variant, 'tiny', vocab_size=50)
     tokens = jax.numpy.ones((1, 3), jax.numpy.int32)

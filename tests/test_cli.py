@@ -157,7 +157,7 @@ def test_remat_binding_sets_the_cpu_scheduler_flag_before_training(tmp_path, mon
   """--gin.model_config.remat=True adds perf.CPU_REMAT_XLA_FLAG to XLA_FLAGS
   before the entry point runs (XLA reads it when the backend starts)."""
   import gin  # pylint: disable=g-import-not-at-top
-  from prompt_transfer import perf, trainer  # pylint: disable=g-import-not-at-top
+  from prompt_transfer.training import perf, trainer  # pylint: disable=g-import-not-at-top
   seen = {}
   monkeypatch.setattr(trainer, 'train', lambda: seen.setdefault('flags', os.environ['XLA_FLAGS']))
   for remat in (False, True):

@@ -1,4 +1,4 @@
-"""Tests of prompt_transfer.export (T5X parameters -> Hugging Face T5 directory)."""
+"""Tests of prompt_transfer.model.export (T5X parameters -> Hugging Face T5 directory)."""
 import json
 import os
 
@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 
 from prompt_transfer import build_model, get_config, load_pretrained
-from prompt_transfer import checkpoint_import as ci
-from prompt_transfer import export
+from prompt_transfer.model import checkpoint_import as ci
+from prompt_transfer.model import export
+from prompt_transfer.prompts.free import free_prompt
 
 VARIANTS = ('t5_1_0', 't5_1_1')  # tied + ReLU, untied + gated GELU
 
@@ -23,7 +24,7 @@ def _config(variant: str):
 
 
 def _model_and_params(variant: str, prompt_length: int = 0, seed: int = 0):
-  model = build_model(_config(variant), prompt_length=prompt_length)
+  model = build_model(_config(variant), free_prompt(prompt_length))
   params = model.init_params(jax.random.PRNGKey(seed))
   return model, jax.tree_util.tree_map(np.asarray, params)
 
@@ -165,7 +166,7 @@ PACKAGED = 'pkg://assets/t5_1_1_tiny_synthetic'
 
 def test_packaged_tiny_checkpoint():
   """The quick-start's pretrained tiny model: small, loadable by path prefix."""
-  from prompt_transfer import pretrained
+  from prompt_transfer.model import pretrained
   path = pretrained.resolve_checkpoint_path(PACKAGED)
   if not os.path.isdir(path):
     pytest.skip(f'{path} not built (tools/make_tiny_checkpoint.py)')

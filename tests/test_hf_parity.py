@@ -278,7 +278,7 @@ def test_parity_check_is_sensitive():
   the wrong relative-position max distance, and two swapped layer-norm scales."""
   model, params = load_pretrained(os.path.join(FIXTURES, 'hf_t5_1_0_tiny'))
   ref = _load_reference('hf_t5_1_0_tiny')
-  from prompt_transfer.models import build_model  # pylint: disable=g-import-not-at-top
+  from prompt_transfer.model.models import build_model  # pylint: disable=g-import-not-at-top
   wrong_distance = build_model(model.config.replace(relative_attention_max_distance=128))
   with pytest.raises(AssertionError):
     check_logits(wrong_distance, params, ref)

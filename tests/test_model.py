@@ -8,9 +8,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from prompt_transfer import prompts
-from prompt_transfer.config import get_config
-from prompt_transfer.models import build_model, merge_prompt, split_prompt
+from prompt_transfer.prompts import files, initializers
+from prompt_transfer.prompts.free import free_prompt
+from prompt_transfer.model.config import get_config
+from prompt_transfer.model.models import build_model, merge_prompt, split_prompt
 
 ENC = np.array([[5, 6, 7, 9, 1, 0, 0], [8, 9, 1, 0, 0, 0, 0], [4, 4, 4, 4, 4, 4, 1]], np.int32)
 TGT = np.array([[3, 4, 1], [5, 1, 0], [7, 7, 1]], np.int32)
@@ -89,7 +90,7 @@ def test_beam_search_scores_and_beats_greedy(plain):
 
 def test_zero_length_prompt_is_plain_t5(plain):
   model, params = plain
-  same = build_model(model.config, prompt_length=0)
+  same = build_model(model.config, free_prompt(0))
   a = model.module.apply({'params': params}, ENC, DIN, TGT)
   b = same.module.apply({'params': params}, ENC, DIN, TGT)
   np.testing.assert_array_equal(a, b)
@@ -98,7 +99,7 @@ def test_zero_length_prompt_is_plain_t5(plain):
 
 def test_prompt_prepends_and_extends_mask():
   cfg = _cfg()
-  model = build_model(cfg, prompt_length=3)
+  model = build_model(cfg, free_prompt(3))
   params = model.init_params(jax.random.PRNGKey(0))
   prompt = params['encoder']['prompt']['prompt']['prompt']
   assert prompt.shape == (3, cfg.emb_dim)
@@ -119,7 +120,7 @@ def test_prompt_prepends_and_extends_mask():
 
 
 def test_gradients_reach_only_the_prompt():
-  model = build_model(_cfg(dropout_rate=0.1), prompt_length=4)
+  model = build_model(_cfg(dropout_rate=0.1), free_prompt(4))
   params = model.init_params(jax.random.PRNGKey(0))
   prompt, frozen = split_prompt(params)
   batch = {'encoder_input_tokens': ENC, 'decoder_input_tokens': DIN,
@@ -142,25 +143,24 @@ def test_gradients_reach_only_the_prompt():
 def test_initialisers_give_documented_rows():
   rng = jax.random.PRNGKey(3)
   emb = jax.random.normal(jax.random.PRNGKey(4), (50, 8))
-  u = prompts.random_uniform(0.25)(rng, (6, 8), emb)
+  u = initializers.random_uniform(0.25)(rng, (6, 8), emb)
   assert u.shape == (6, 8) and float(jnp.abs(u).max()) <= 0.25 and float(jnp.abs(u).max()) > 0.1
-  s = np.asarray(prompts.from_sampled_vocab(10)(rng, (6, 8), emb))
+  s = np.asarray(initializers.from_sampled_vocab(10)(rng, (6, 8), emb))
   rows = [int(np.where(np.all(np.isclose(np.asarray(emb), r), axis=1))[0][0]) for r in s]
   assert all(r < 10 for r in rows) and len(set(rows)) == 6  # first N ids, no repeats
-  c = np.asarray(prompts.from_class_labels([[3, 4], [7]], prompts.from_sampled_vocab(10))(
+  c = np.asarray(initializers.from_class_labels([[3, 4], [7]], initializers.from_sampled_vocab(10))(
       rng, (6, 8), emb))
   np.testing.assert_allclose(c[0], (emb[3] + emb[4]) / 2, rtol=1e-6)
   np.testing.assert_allclose(c[1], emb[7], rtol=1e-6)
   np.testing.assert_allclose(c[2:], s[2:], rtol=1e-6)  # rest = the fallback's rows
   arr = np.arange(48, dtype=np.float32).reshape(6, 8)
-  np.testing.assert_array_equal(prompts.from_array(arr)(rng, (6, 8), emb), arr)
+  np.testing.assert_array_equal(initializers.from_array(arr)(rng, (6, 8), emb), arr)
 
 
 def test_init_prompt_reads_the_loaded_embedding():
   cfg = _cfg()
   frozen = build_model(cfg).init_params(jax.random.PRNGKey(0))
-  model = build_model(cfg, prompt_length=2,
-                      prompt_init=prompts.from_class_labels([[9], [10, 11]]))
+  model = build_model(cfg, free_prompt(2, initializers.from_class_labels([[9], [10, 11]])))
   params = model.init_prompt(jax.random.PRNGKey(1), frozen)
   emb = frozen['token_embedder']['embedding']
   p = params['encoder']['prompt']['prompt']['prompt']
@@ -172,16 +172,16 @@ def test_prompt_file_validation(tmp_path):
   good = tmp_path / 'encoder.prompt.prompt.prompt'
   with open(good, 'wb') as f:
     np.save(f, np.ones((4, 32), np.float32))
-  assert prompts.load_prompt_file(str(good), (4, 32)).shape == (4, 32)
-  with pytest.raises(prompts.PromptFileError, match=r'has shape \(4, 32\).*expects \(5, 32\)'):
-    prompts.load_prompt_file(str(good), (5, 32))
-  with pytest.raises(prompts.PromptFileError, match='does not exist'):
-    prompts.load_prompt_file(str(tmp_path / 'nope'), (4, 32))
+  assert files.load_prompt_file(str(good), (4, 32)).shape == (4, 32)
+  with pytest.raises(files.PromptFileError, match=r'has shape \(4, 32\).*expects \(5, 32\)'):
+    files.load_prompt_file(str(good), (5, 32))
+  with pytest.raises(files.PromptFileError, match='does not exist'):
+    files.load_prompt_file(str(tmp_path / 'nope'), (4, 32))
   bad = tmp_path / 'nan'
   with open(bad, 'wb') as f:
     np.save(f, np.full((4, 32), np.nan, np.float32))
-  with pytest.raises(prompts.PromptFileError, match='NaN'):
-    prompts.load_prompt_file(str(bad), (4, 32))
+  with pytest.raises(files.PromptFileError, match='NaN'):
+    files.load_prompt_file(str(bad), (4, 32))
 
 
 def test_activation_capture_and_partial_models(plain):
@@ -213,8 +213,8 @@ def test_activation_capture_and_partial_models(plain):
 @pytest.mark.parametrize('policy', ['dots', 'nothing'])
 def test_remat_gives_the_same_loss_gradient_and_decode(policy):
   cfg = _cfg(dropout_rate=0.1)
-  plain = build_model(cfg, prompt_length=3)
-  remat = build_model(cfg.replace(remat=True, remat_policy=policy), prompt_length=3)
+  plain = build_model(cfg, free_prompt(3))
+  remat = build_model(cfg.replace(remat=True, remat_policy=policy), free_prompt(3))
   params = plain.init_params(jax.random.PRNGKey(0))
   prompt, frozen = split_prompt(params)
   batch = {'encoder_input_tokens': ENC, 'decoder_input_tokens': DIN,
@@ -229,8 +229,8 @@ def test_remat_gives_the_same_loss_gradient_and_decode(policy):
 
 
 def test_config_refuses_unknown_remat_policy_dropout_mask_and_dtype():
-  from prompt_transfer.config import REMAT_POLICY_NAMES, ConfigError
-  from prompt_transfer.network import REMAT_POLICIES
+  from prompt_transfer.model.config import REMAT_POLICY_NAMES, ConfigError
+  from prompt_transfer.model.network import REMAT_POLICIES
   assert set(REMAT_POLICIES) == set(REMAT_POLICY_NAMES)
   with pytest.raises(ConfigError, match="remat_policy must be one of .*got 'everything'"):
     _cfg().replace(remat=True, remat_policy='everything')
@@ -268,7 +268,7 @@ def test_bfloat16_products_take_bf16_operands_forward_and_backward():
   """With bf16 activations every matmul, the gradient's included, multiplies bf16
   by bf16 into float32 (XLA's CPU backend upcasts mixed or bf16-output dots to
   slow float32 matmuls); the result is close to the float32 model's."""
-  from prompt_transfer.network import einsum
+  from prompt_transfer.model.layers import einsum
   a = jax.random.normal(jax.random.PRNGKey(0), (6, 8, 16))
   b = jax.random.normal(jax.random.PRNGKey(1), (6, 16, 8))
 
@@ -283,7 +283,7 @@ def test_bfloat16_products_take_bf16_operands_forward_and_backward():
 
   # The whole model: every dot of the prompt gradient is bf16 x bf16 -> f32.
   cfg = _cfg(dtype='bfloat16')
-  model = build_model(cfg, prompt_length=3)
+  model = build_model(cfg, free_prompt(3))
   params = model.init_params(jax.random.PRNGKey(0))
   prompt, frozen = split_prompt(params)
   batch = {'encoder_input_tokens': ENC, 'decoder_input_tokens': DIN,
@@ -294,7 +294,7 @@ def test_bfloat16_products_take_bf16_operands_forward_and_backward():
   dots = _dot_operand_dtypes(functools.partial(prompt_grad, model), prompt)
   assert len(dots) > 20 and set(dots) == {('bfloat16', 'bfloat16', 'float32')}
   g16 = jax.jit(functools.partial(prompt_grad, model))(prompt)['prompt']['prompt']
-  g32 = jax.jit(functools.partial(prompt_grad, build_model(_cfg(), prompt_length=3)))(
+  g32 = jax.jit(functools.partial(prompt_grad, build_model(_cfg(), free_prompt(3))))(
       prompt)['prompt']['prompt']
   cosine = float(jnp.vdot(g16, g32) / (jnp.linalg.norm(g16) * jnp.linalg.norm(g32)))
   assert cosine > 0.99, cosine
@@ -305,10 +305,10 @@ def test_frozen_weights_stored_in_the_compute_dtype_give_the_same_numbers():
   and relative-position tables are kept in bf16 (layer-norm scales in float32),
   and loss, prompt gradient and decode are bit-identical to casting them in
   every step."""
-  from prompt_transfer import partitioning
-  from prompt_transfer.models import frozen_storage_dtype
+  from prompt_transfer.training import partitioning
+  from prompt_transfer.model.models import frozen_storage_dtype
   for dtype, expect_cast in (('bfloat16', True), ('float32', False)):
-    model = build_model(_cfg(dtype=dtype), prompt_length=3)
+    model = build_model(_cfg(dtype=dtype), free_prompt(3))
     params = jax.tree_util.tree_map(lambda x: x * 3.0, model.init_params(jax.random.PRNGKey(2)))
     prompt, frozen = split_prompt(params)
     host = jax.tree_util.tree_map(np.asarray, frozen)
@@ -338,7 +338,7 @@ def test_hash_dropout_masks_have_the_rate_and_no_structure():
   """hash_keep_mask: keep rate 1 - rate overall and along every axis, no
   correlation between neighbours along any axis or between masks of other
   seeds, the same mask for the same seeds."""
-  from prompt_transfer.network import hash_keep_mask
+  from prompt_transfer.model.layers import hash_keep_mask
   shape = (4, 6, 96, 96)
   n = np.prod(shape)
   seeds = [np.array(s, np.uint32) for s in ((1, 2), (1, 3), (2, 2), (123456789, 987654321))]
@@ -368,7 +368,7 @@ def test_hash_dropout_masks_have_the_rate_and_no_structure():
 
 
 def test_dropout_module_scales_broadcasts_and_validates():
-  from prompt_transfer.network import Dropout
+  from prompt_transfer.model.layers import Dropout
   x = jnp.ones((4, 50, 64))
   for mask in ('hash', 'prng'):
     layer = Dropout(0.25, mask=mask)
@@ -397,7 +397,7 @@ def test_hash_dropout_draws_two_words_per_mask_and_trains_like_prng_dropout():
   losses = {}
   for mask in ('hash', 'prng'):
     cfg = _cfg(dropout_rate=0.3, dropout_mask=mask)
-    model = build_model(cfg, prompt_length=4)
+    model = build_model(cfg, free_prompt(4))
     params = jax.tree_util.tree_map(lambda x: x * 3.0, model.init_params(jax.random.PRNGKey(0)))
     prompt, frozen = split_prompt(params)
 

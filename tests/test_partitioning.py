@@ -107,7 +107,7 @@ def test_two_process_run_killed_and_restarted_resumes(one_device, tmp_path):
 
 def test_make_mesh_shapes():
   import jax  # pylint: disable=g-import-not-at-top
-  from prompt_transfer import partitioning  # pylint: disable=g-import-not-at-top
+  from prompt_transfer.training import partitioning  # pylint: disable=g-import-not-at-top
   mesh = partitioning.make_mesh(1)
   assert dict(mesh.shape) == {'data': jax.device_count(), 'model': 1}
   with pytest.raises(ValueError, match='needs 6 devices'):

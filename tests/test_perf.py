@@ -1,11 +1,11 @@
-"""prompt_transfer.perf: compile counting, XLA FLOP counts, MFU arithmetic."""
+"""prompt_transfer.training.perf: compile counting, XLA FLOP counts, MFU arithmetic."""
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
 import pytest
 
-from prompt_transfer import perf
+from prompt_transfer.training import perf
 
 
 def test_compile_counter_counts_one_compile_for_same_shapes_then_one_more():

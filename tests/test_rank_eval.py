@@ -1,6 +1,6 @@
 """Rank-classification twins (`<task>_rank`) through the repo's eval path.
 
-`evaluation.build_evaluator` + `run_evaluation` (what `train` and `t5x eval`
+`data.build_evaluator` + `run_evaluation` (what `train` and `t5x eval`
 run) on a rank twin must report the accuracy one gets by scoring every label
 word of every example with `model.score_batch` directly and taking the best.
 """
@@ -16,9 +16,10 @@ import tensorflow_datasets as tfds
 
 import tasks
 from prompt_transfer import cli
-from prompt_transfer import evaluation
-from prompt_transfer.config import get_config
-from prompt_transfer.models import build_model
+from prompt_transfer.prompts.free import free_prompt
+from prompt_transfer.training import data, evaluation
+from prompt_transfer.model.config import get_config
+from prompt_transfer.model.models import build_model
 from tasks import synthetic
 
 BASE = 'synthetic_majority_yesno'
@@ -67,7 +68,7 @@ def _with_y_logit_scale(params, c):
 
 @pytest.fixture(scope='module')
 def model_and_params():
-  model = build_model(get_config('t5_1_1', 'tiny', vocab_size=384), prompt_length=4)
+  model = build_model(get_config('t5_1_1', 'tiny', vocab_size=384), free_prompt(4))
   params = model.init_params(jax.random.PRNGKey(0))
   rows = synthetic.generate_examples(BASE, 'validation')[:NUM]
   words = tasks.get_label_words(BASE)
@@ -139,7 +140,7 @@ def test_rank_twin_splits():
 
 def test_seqio_evaluator_score_mode_grouping():
   """Hand-made scores (no model): the metric is the argmax per example group."""
-  evaluator = evaluation.build_evaluator(RANK, LENGTHS, 'validation', num_examples=2 * NUM)
+  evaluator = data.build_evaluator(RANK, LENGTHS, 'validation', num_examples=2 * NUM)
   base = synthetic.generate_examples(BASE, 'validation')[:NUM]
   rng = np.random.RandomState(0)
   pick = rng.randint(0, 2, size=NUM)  # The choice each example "prefers".
@@ -163,7 +164,7 @@ def test_seqio_evaluator_score_mode_grouping():
 
 def test_run_evaluation_matches_direct_scoring(model_and_params):
   model, params = model_and_params
-  evaluator = evaluation.build_evaluator(RANK, LENGTHS, 'validation',
+  evaluator = data.build_evaluator(RANK, LENGTHS, 'validation',
                                          num_examples=2 * NUM)
   got = evaluation.run_evaluation(evaluator, model, params, batch_size=BATCH)
   assert set(got) == {f'{RANK}/accuracy'}
@@ -184,7 +185,7 @@ def test_write_predictions_on_a_rank_twin_scores_one_line_per_example(model_and_
   """`t5x infer` on a rank twin: one line per original example whose prediction
   is the argmax of direct scoring, with every candidate's score."""
   model, params = model_and_params
-  evaluator = evaluation.build_evaluator(RANK, LENGTHS, 'validation', num_examples=2 * NUM)
+  evaluator = data.build_evaluator(RANK, LENGTHS, 'validation', num_examples=2 * NUM)
   path = str(tmp_path / 'predictions.jsonl')
   assert evaluation.write_predictions(path, evaluator, model, params, BATCH) == NUM
   lines = [json.loads(l) for l in open(path)]

@@ -15,10 +15,12 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from prompt_transfer import checkpoints, library, neurons
-from prompt_transfer import similarity as S
-from prompt_transfer.config import get_config
-from prompt_transfer.models import build_model
+from prompt_transfer.prompts import files
+from prompt_transfer.prompts.free import free_prompt
+from prompt_transfer.analysis import library, neurons
+from prompt_transfer.analysis import similarity as S
+from prompt_transfer.model.config import get_config
+from prompt_transfer.model.models import build_model
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARED = os.path.join(os.path.dirname(REPO), 'shared', 'data')
@@ -213,10 +215,9 @@ def test_google_t5_prompts_large_norms():
 # ---------------------------------------------------------------------------
 def _save_run(model_dir, task, array, step, config=None, vocab='ByteVocabulary(, size=259)'):
   config = config or get_config('t5_1_1', 'tiny', vocab_size=384)
-  info = checkpoints.PromptInfo(task=task, model=config.describe(), vocabulary=vocab,
+  info = files.PromptInfo(task=task, model=config.describe(), vocabulary=vocab,
                                 prompt_length=array.shape[0], step=step)
-  tree = {'encoder': {'prompt': {'prompt': {'prompt': array}}}}
-  return checkpoints.save_numpy_prompt(str(model_dir), step, tree, info)
+  return files.save_numpy_checkpoint(str(model_dir), step, array, {}, info)
 
 
 def test_library_reads_runs_checkpoints_and_bare_files(tmp_path):
@@ -235,7 +236,7 @@ def test_library_reads_runs_checkpoints_and_bare_files(tmp_path):
   assert lib['google'][1].model == {} and lib['google'][1].prompt_length == 4
   # A given step, a checkpoint folder and a single file.
   assert np.all(library.load_library(tmp_path / 'lib' / 'run_a', step=0)['task_a'][0] == 0)
-  ckpt = checkpoints.numpy_checkpoint_dir(str(tmp_path / 'lib' / 'run_b'), 5)
+  ckpt = files.numpy_checkpoint_dir(str(tmp_path / 'lib' / 'run_b'), 5)
   assert list(library.load_library(ckpt)) == ['task_b']
   assert list(library.load_library([os.path.join(ckpt, library.PROMPT_FILE)])) == ['task_b']
   with pytest.raises(FileNotFoundError):
@@ -260,7 +261,7 @@ def test_check_compatible_names_both_models(tmp_path):
   info.vocabulary = 'SentencePieceVocabulary(/a/spm.model, size=32100)'
   library.check_compatible(info, tiny, 'SentencePieceVocabulary(/b/spm.model, size=32100)')
   # A bare file: only its width can be checked.
-  bare = checkpoints.PromptInfo(prompt_length=100)
+  bare = files.PromptInfo(prompt_length=100)
   with pytest.raises(library.IncompatiblePromptError, match="'sst2'.*width 768 vs emb_dim 32"):
     library.check_compatible(bare, tiny, array=np.zeros((100, 768)), name='sst2')
 
@@ -274,7 +275,7 @@ L = 4  # one prompt length everywhere: one compilation per model
 def _tiny(variant):
   config = get_config(variant, 'tiny', vocab_size=64, dropout_rate=0.0)
   model = build_model(config)
-  prompted = build_model(config, prompt_length=L)
+  prompted = build_model(config, free_prompt(L))
   # The reference read-out: capture_activations of a prompted model, jitted.
   return model, model.init_params(jax.random.PRNGKey(0)), jax.jit(prompted.capture_activations)
 
@@ -356,7 +357,7 @@ def test_neuron_overlap_cosine_layers_and_windows(gated):
 def test_ffn_importance_is_mean_abs_hidden_over_non_pad(gated):
   model, params, capture = gated
   prompt = np.random.default_rng(3).normal(size=(L, 32)).astype(np.float32)
-  prompted = build_model(model.config, prompt_length=L)
+  prompted = build_model(model.config, free_prompt(L))
   full = neurons.with_prompt(params, prompt)
   second = {k: v[:1] for k, v in BATCH.items()}
   scores = neurons.ffn_importance(prompted, full, [BATCH, second])

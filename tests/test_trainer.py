@@ -7,8 +7,11 @@ import numpy as np
 import pytest
 
 import tasks  # noqa: F401  (registers the synthetic tasks)
-from prompt_transfer import checkpoints, prompts, trainer
-from prompt_transfer.config import get_config
+from prompt_transfer.prompts import files as prompt_files
+from prompt_transfer.prompts.free import free_prompt
+from prompt_transfer.training import trainer
+from prompt_transfer.prompts import initializers
+from prompt_transfer.model.config import get_config
 
 TASK = 'synthetic_majority_yesno'
 CONFIG = get_config('t5_1_1', 'tiny', vocab_size=384)
@@ -18,14 +21,14 @@ PROMPT_FILE = 'encoder.prompt.prompt.prompt'
 def _train(model_dir, steps, **kw):
   args = dict(model_dir=str(model_dir), mixture_or_task_name=TASK,
               task_feature_lengths={'inputs': 48, 'targets': 4}, train_steps=steps,
-              batch_size=16, config=CONFIG, prompt=(6, prompts.from_sampled_vocab()),
+              batch_size=16, config=CONFIG, prompt_module=free_prompt(6, initializers.from_sampled_vocab()),
               checkpoint_period=10, log_period=5, seed=3)
   args.update(kw)
   return trainer.train(**args)
 
 
 def _prompt(model_dir, step):
-  with open(os.path.join(checkpoints.numpy_checkpoint_dir(str(model_dir), step),
+  with open(os.path.join(prompt_files.numpy_checkpoint_dir(str(model_dir), step),
                          PROMPT_FILE), 'rb') as f:
     return np.load(f)
 
@@ -50,9 +53,9 @@ def test_prompt_tuning_writes_google_layout_and_learns(straight_run):
   assert p0.shape == (6, CONFIG.emb_dim) and p0.dtype == np.float32
   assert not np.allclose(p0, p20)
   # Only the prompt is in the train state: the frozen model is not checkpointed.
-  files = os.listdir(checkpoints.numpy_checkpoint_dir(d, 20))
+  files = os.listdir(prompt_files.numpy_checkpoint_dir(d, 20))
   assert sorted(files) == [PROMPT_FILE, 'prompt_info.json']
-  info = checkpoints.load_prompt_info(os.path.join(checkpoints.numpy_checkpoint_dir(d, 20),
+  info = prompt_files.load_prompt_info(os.path.join(prompt_files.numpy_checkpoint_dir(d, 20),
                                                    PROMPT_FILE))
   assert info.task == TASK and info.step == 20 and info.prompt_length == 6
   assert info.model['emb_dim'] == CONFIG.emb_dim
@@ -88,7 +91,7 @@ def test_rbg_dropout_keys_train_resume_and_differ_from_threefry(straight_run, tm
 
 def test_zero_steps_writes_the_initial_prompt(tmp_path):
   init = np.random.RandomState(0).randn(6, CONFIG.emb_dim).astype(np.float32)
-  _train(tmp_path, 0, prompt=(6, prompts.from_array(init)))
+  _train(tmp_path, 0, prompt_module=free_prompt(6, initializers.from_array(init)))
   np.testing.assert_array_equal(_prompt(tmp_path, 0), init)
 
 
@@ -96,8 +99,8 @@ def test_from_file_prompt_of_wrong_shape_is_refused_before_training(tmp_path):
   bad = tmp_path / 'prompt'
   with open(bad, 'wb') as f:
     np.save(f, np.zeros((5, 7), np.float32))
-  with pytest.raises(prompts.PromptFileError, match=r'shape \(5, 7\).*expects \(6, 32\)'):
-    _train(tmp_path / 'run', 5, prompt=(6, prompts.from_file(str(bad))))
+  with pytest.raises(prompt_files.PromptFileError, match=r'shape \(5, 7\).*expects \(6, 32\)'):
+    _train(tmp_path / 'run', 5, prompt_module=free_prompt(6, initializers.from_file(str(bad))))
   assert not os.path.exists(tmp_path / 'run' / 'numpy_checkpoints')
 
 
@@ -105,19 +108,19 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
   # A NaN learning rate poisons the prompt after the first update.
   with pytest.raises(trainer.TrainingError, match='Loss is nan at step 5'):
     _train(tmp_path, 10, learning_rate=float('nan'))
-  assert checkpoints.latest_numpy_step(str(tmp_path)) == 0
+  assert prompt_files.latest_numpy_step(str(tmp_path)) == 0
 
 
 def test_model_tuning_trains_everything(tmp_path):
-  out = _train(tmp_path, 5, prompt=(0, None), trainable_params='.*', checkpoint_period=5,
+  out = _train(tmp_path, 5, prompt_module=None, trainable_params='.*', checkpoint_period=5,
                learning_rate=1e-3, optimizer=None)
   assert np.isfinite(out['loss'])
-  files = os.listdir(checkpoints.numpy_checkpoint_dir(str(tmp_path), 5))
+  files = os.listdir(prompt_files.numpy_checkpoint_dir(str(tmp_path), 5))
   assert 'token_embedder.embedding' in files and 'decoder.layers_0.mlp.wo.kernel' in files
 
 
 def test_checkpoint_for_another_model_is_refused(tmp_path):
-  from prompt_transfer.checkpoint_import import CheckpointMismatchError
+  from prompt_transfer.model.checkpoint_import import CheckpointMismatchError
   fixture = os.path.join(os.path.dirname(__file__), 'fixtures', 'hf_t5_1_0_tiny')
   with pytest.raises(CheckpointMismatchError) as e:
     _train(tmp_path, 5, checkpoint_path=fixture)
@@ -142,7 +145,7 @@ def test_prompt_tuning_on_a_real_t5x_checkpoint(tmp_path):
                         dropout_rate=0.0)
     out = _train(tmp_path, 6, config=config, mixture_or_task_name='synthetic_majority_yesno_t5',
                  checkpoint_path=os.path.join(SHARED, 'test_t5_1_1_tiny', 'checkpoint_3'),
-                 prompt=(3, prompts.from_sampled_vocab()), checkpoint_period=6,
+                 prompt_module=free_prompt(3, initializers.from_sampled_vocab()), checkpoint_period=6,
                  task_feature_lengths={'inputs': 32, 'targets': 4})
   finally:
     tasks_lib.set_default_vocabulary(None)
@@ -156,22 +159,32 @@ def test_prompt_tuning_on_a_real_t5x_checkpoint(tmp_path):
 
 
 def test_a_custom_prompt_module_is_what_gets_trained(tmp_path):
-  """The seam for projectors / subspace decoders: any module under encoder/prompt."""
+  """Any module under encoder/prompt: its free parameters are what trains, and
+  the numpy checkpoint also holds the prompt it produces, in Google's layout."""
   import flax.linen as nn
   import jax.numpy as jnp
 
-  class LowRankPrompt(nn.Module):  # prompt = u @ v, only u and v are free
+  class UV(nn.Module):  # prompt = u @ v, only u and v are free
     length: int = 6
 
     @nn.compact
-    def __call__(self, embedding):
+    def __call__(self, embedding, features):
       u = self.param('u', nn.initializers.normal(1.0), (self.length, 2))
       v = self.param('v', nn.initializers.normal(1.0), (2, embedding.shape[-1]))
       return jnp.dot(u, v)
 
-  _train(tmp_path, 10, prompt=(0, None), prompt_module=LowRankPrompt)
-  files = sorted(os.listdir(checkpoints.numpy_checkpoint_dir(str(tmp_path), 10)))
-  assert files == ['encoder.prompt.prompt.u', 'encoder.prompt.prompt.v', 'prompt_info.json']
+  _train(tmp_path, 10, prompt_module=UV)
+  folder = prompt_files.numpy_checkpoint_dir(str(tmp_path), 10)
+  assert sorted(os.listdir(folder)) == [PROMPT_FILE, 'encoder.prompt.prompt.u',
+                                        'encoder.prompt.prompt.v', 'prompt_info.json']
+  load = lambda name: np.load(os.path.join(folder, name))  # noqa: E731
+  np.testing.assert_allclose(load(PROMPT_FILE), load('encoder.prompt.prompt.u') @
+                             load('encoder.prompt.prompt.v'), rtol=1e-5, atol=1e-6)
+  info = prompt_files.load_prompt_info(os.path.join(folder, PROMPT_FILE))
+  assert info.module == 'UV' and info.prompt_length == 6
+  assert info.param_shapes == {'encoder.prompt.prompt.u': [6, 2],
+                               'encoder.prompt.prompt.v': [2, CONFIG.emb_dim]}
+  assert not np.allclose(_prompt(tmp_path, 0), _prompt(tmp_path, 10))
   losses = _losses(tmp_path)
   assert np.isfinite(losses).all()
 

@@ -43,10 +43,15 @@ import pytest
 
 import tasks  # noqa: F401  (registers the synthetic tasks)
 from tasks import synthetic
-from prompt_transfer import cli, evaluation, library, neurons, prompts, trainer
-from prompt_transfer import similarity as S
-from prompt_transfer.config import get_config
-from prompt_transfer.models import build_model
+from prompt_transfer import cli
+from prompt_transfer.training import evaluation, trainer
+from prompt_transfer.analysis import library, neurons
+from prompt_transfer.prompts import files, initializers
+from prompt_transfer.prompts.free import free_prompt
+from prompt_transfer.analysis import similarity as S
+from prompt_transfer.model.config import get_config
+from prompt_transfer.model.models import build_model
+from prompt_transfer.model.pretrained import load_frozen_params
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GOOGLE_SST2 = os.path.join(os.path.dirname(REPO), 'shared', 'data', 'google_prompt_tuning',
@@ -73,7 +78,7 @@ def _has_asset() -> bool:
 def _setup():
   """(config, checkpoint path or None, model gin file) of the frozen model."""
   if _has_asset():
-    from prompt_transfer import checkpoint_import  # pylint: disable=g-import-not-at-top
+    from prompt_transfer.model import checkpoint_import  # pylint: disable=g-import-not-at-top
     config, _ = checkpoint_import.read_hf_checkpoint(ASSET)
     return config.replace(name='t5_1_1_tiny_synthetic'), ASSET, 'models/t5_1_1_tiny_synthetic.gin'
   return get_config('t5_1_1', 'tiny', vocab_size=384), None, 'models/t5_1_1_tiny.gin'
@@ -90,10 +95,10 @@ def trained(tmp_path_factory):
     # differences come from the tasks alone.
     trainer.train(model_dir=runs[task], mixture_or_task_name=task, task_feature_lengths=LENGTHS,
                   train_steps=STEPS, batch_size=16, config=config,
-                  prompt=(PROMPT_LENGTH, prompts.random_uniform()), checkpoint_path=ckpt,
+                  prompt_module=free_prompt(PROMPT_LENGTH, initializers.random_uniform()), checkpoint_path=ckpt,
                   checkpoint_period=STEPS, log_period=STEPS, seed=0, model_seed=0)
   model = build_model(config)
-  frozen = trainer.load_frozen_params(model, ckpt, 0)
+  frozen = load_frozen_params(config, ckpt, 0)
   return {'root': root, 'runs': runs, 'config': config, 'ckpt': ckpt, 'gin_file': gin_file,
           'model': model, 'frozen': frozen}
 
@@ -107,7 +112,7 @@ def test_google_layout_round_trip(trained):
   with open(path, 'rb') as f:  # Google's layout: plain np.save content, no .npy suffix
     plain = np.load(f)
   assert plain.shape == (PROMPT_LENGTH, trained['config'].emb_dim) and plain.dtype == np.float32
-  np.testing.assert_array_equal(prompts.load_prompt_file(path), plain)
+  np.testing.assert_array_equal(files.load_prompt_file(path), plain)
   lib = library.load_library(trained['root'] / 'runs')
   assert sorted(lib) == sorted(FAMILY)
   array, info = lib[A]
@@ -115,7 +120,7 @@ def test_google_layout_round_trip(trained):
   assert info.step == STEPS and info.model['emb_dim'] == trained['config'].emb_dim
   library.check_compatible(info, trained['config'], 'ByteVocabulary(, size=259)', array=array)
   if os.path.exists(GOOGLE_SST2):
-    google = prompts.load_prompt_file(GOOGLE_SST2, expected_shape=(100, 768))
+    google = files.load_prompt_file(GOOGLE_SST2, expected_shape=(100, 768))
     assert google.dtype == np.float32 and np.linalg.norm(google, axis=1).mean() > 1000
     # A Google prompt is refused for our tiny model, with both widths named.
     with pytest.raises(library.IncompatiblePromptError, match='768'):

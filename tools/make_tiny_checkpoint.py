@@ -63,13 +63,13 @@ def register_mixture(exclude: Sequence[str]) -> List[str]:
 def read_numpy_params(model_dir: str, step: int) -> Dict[str, np.ndarray]:
   """The full parameter tree the trainer saved (model tuning: every parameter)."""
   # pylint: disable=g-import-not-at-top
-  from prompt_transfer import checkpoints
-  from prompt_transfer.checkpoint_import import unflatten_params
+  from prompt_transfer.prompts import files
+  from prompt_transfer.model.checkpoint_import import unflatten_params
   # pylint: enable=g-import-not-at-top
-  folder = checkpoints.numpy_checkpoint_dir(model_dir, step)
+  folder = files.numpy_checkpoint_dir(model_dir, step)
   flat = {}
   for name in os.listdir(folder):
-    if name == checkpoints.INFO_FILE:
+    if name == files.INFO_FILE:
       continue
     with open(os.path.join(folder, name), 'rb') as f:
       flat[name.replace('.', '/')] = np.load(f)
@@ -168,8 +168,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     return code
 
   import jax  # pylint: disable=g-import-not-at-top
-  from prompt_transfer import export, trainer  # pylint: disable=g-import-not-at-top
-  config = trainer.model_config()  # as gin configured it for the run
+  from prompt_transfer.model import export  # pylint: disable=g-import-not-at-top
+  from prompt_transfer.training import configurables  # pylint: disable=g-import-not-at-top
+  config = configurables.model_config()  # as gin configured it for the run
   params = read_numpy_params(model_dir, steps)
   metrics = read_metrics(model_dir)
   out = export.export_hf_checkpoint(params, config, args.out, overwrite=True)

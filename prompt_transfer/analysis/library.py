@@ -19,12 +19,11 @@ import re
 from typing import Any, Iterable, Mapping, Optional, Union
 
 import numpy as np
+from etils import epath
 
-from prompt_transfer import checkpoints as ckpt_lib
-from prompt_transfer import prompts as prompts_lib
-from prompt_transfer.checkpoints import PromptInfo
-
-PROMPT_FILE = 'encoder.prompt.prompt.prompt'
+from prompt_transfer import fileio
+from prompt_transfer.prompts import files
+from prompt_transfer.prompts.files import PROMPT_FILE, PromptInfo
 PathLike = Union[str, os.PathLike]
 # Model fields that must agree for a prompt to be meaningful on a model.
 MODEL_FIELDS = ('emb_dim', 'vocab_size', 'num_heads', 'head_dim', 'mlp_dim',
@@ -41,57 +40,65 @@ def _as_list(paths_or_dir: Union[PathLike, Iterable[PathLike]]) -> list:
   return [os.fspath(p) for p in paths_or_dir]
 
 
-def _checkpoint_file(model_dir: str, step: Optional[int]) -> Optional[str]:
-  step = ckpt_lib.latest_numpy_step(model_dir) if step is None else step
+def _checkpoint_files(model_dir: str, step: Optional[int]) -> list:
+  """The prompt file of a run's numpy checkpoint, or a prompt bank's files."""
+  step = files.latest_numpy_step(model_dir) if step is None else step
   if step is None:
-    return None
-  path = os.path.join(ckpt_lib.numpy_checkpoint_dir(model_dir, step), PROMPT_FILE)
-  return path if os.path.exists(path) else None
+    return []
+  folder = epath.Path(files.numpy_checkpoint_dir(model_dir, step))
+  if (folder / PROMPT_FILE).exists():
+    return [os.fspath(folder / PROMPT_FILE)]
+  if not folder.is_dir():
+    return []
+  return [os.fspath(sub / PROMPT_FILE) for sub in sorted(folder.iterdir(), key=lambda s: s.name)
+          if re.fullmatch(files.PER_PROMPT_DIR.format(r'\d+'), sub.name)
+          and (sub / PROMPT_FILE).exists()]
 
 
 def _files_in(path: str, step: Optional[int]) -> list:
-  """Prompt files under one path (see the module docstring)."""
-  if os.path.isfile(path):
+  """Prompt files under one path (see the module docstring); local or remote."""
+  p = epath.Path(path)
+  if p.is_file():
     return [path]
-  if not os.path.isdir(path):
+  if not p.is_dir():
     raise FileNotFoundError(f'Prompt library entry {path!r} does not exist.')
-  if os.path.isdir(os.path.join(path, ckpt_lib.NUMPY_DIR)):
-    found = _checkpoint_file(path, step)
-    if found is None:
+  if (p / files.NUMPY_DIR).is_dir():
+    found = _checkpoint_files(path, step)
+    if not found:
       raise FileNotFoundError(f'{path} has no numpy prompt checkpoint'
                               f'{"" if step is None else f" at step {step}"}.')
-    return [found]
-  if os.path.isfile(os.path.join(path, PROMPT_FILE)):
-    return [os.path.join(path, PROMPT_FILE)]
+    return found
+  if (p / PROMPT_FILE).is_file():
+    return [os.fspath(p / PROMPT_FILE)]
   out = []
-  for name in sorted(os.listdir(path)):
-    full = os.path.join(path, name)
-    if os.path.isdir(full) and not name.startswith('.'):
+  for child in sorted(p.iterdir(), key=lambda c: c.name):
+    if child.is_dir() and not child.name.startswith('.') and not fileio.is_tmp(child.name):
       # Sub-folders without any prompt (logs, TensorBoard) are skipped.
       try:
-        out.extend(_files_in(full, step))
+        out.extend(_files_in(os.fspath(child), step))
       except FileNotFoundError:
         continue
-    elif name.endswith('.npy'):
-      out.append(full)
+    elif child.name.endswith('.npy'):
+      out.append(os.fspath(child))
   return out
 
 
 def _run_dir(path: str) -> str:
   """The training run folder of a numpy checkpoint file, else its folder."""
-  parts = os.path.abspath(path).split(os.sep)
-  if len(parts) >= 4 and parts[-3] == ckpt_lib.NUMPY_DIR and re.fullmatch(
-      r'checkpoint_\d+', parts[-2]):
-    return os.sep.join(parts[:-3])
-  return os.path.dirname(os.path.abspath(path))
+  p = epath.Path(fileio.normalize_dir(path))
+  if re.fullmatch(files.PER_PROMPT_DIR.format(r'\d+'), p.parent.name):
+    p = p.parent  # a prompt bank's prompt_K/ sub-folder
+  if p.parent.parent.name == files.NUMPY_DIR and re.fullmatch(r'checkpoint_\d+', p.parent.name):
+    return os.fspath(p.parent.parent.parent)
+  return os.fspath(p.parent)
 
 
 def _default_name(path: str, info: Optional[PromptInfo]) -> str:
   if info is not None and info.task:
     return info.task
-  base = os.path.basename(path)
+  base = epath.Path(path).name
   if base == PROMPT_FILE:
-    return os.path.basename(_run_dir(path))
+    return epath.Path(_run_dir(path)).name
   return base[:-4] if base.endswith('.npy') else base
 
 
@@ -101,9 +108,9 @@ def find_prompt_files(paths_or_dir: Union[PathLike, Iterable[PathLike]],
   out: dict = {}
   for entry in _as_list(paths_or_dir):
     for path in _files_in(entry, step):
-      name = _default_name(path, ckpt_lib.load_prompt_info(path))
+      name = _default_name(path, files.load_prompt_info(path))
       if name in out:
-        name = f'{name}@{os.path.basename(_run_dir(path))}'
+        name = f'{name}@{epath.Path(_run_dir(path)).name}'
       k, unique = 2, name
       while unique in out:
         unique, k = f'{name}#{k}', k + 1
@@ -121,8 +128,8 @@ def load_library(paths_or_dir: Union[PathLike, Iterable[PathLike]],
   """
   out = {}
   for name, path in find_prompt_files(paths_or_dir, step).items():
-    array = prompts_lib.load_prompt_file(path)
-    info = ckpt_lib.load_prompt_info(path) or PromptInfo(prompt_length=array.shape[0])
+    array = files.load_prompt_file(path)
+    info = files.load_prompt_info(path) or PromptInfo(prompt_length=array.shape[0])
     out[name] = (array, info)
   if not out:
     raise FileNotFoundError(f'No prompt found in {_as_list(paths_or_dir)}.')
@@ -135,14 +142,6 @@ def describe_model(model: Mapping[str, Any]) -> str:
     return 'an unknown model'
   fields = ', '.join(f'{k}={model[k]}' for k in MODEL_FIELDS if k in model)
   return f'{model.get("name", "model")} ({fields})'
-
-
-def describe_vocabulary(vocab: Any) -> str:
-  """The sidecar's vocabulary description of a seqio vocabulary (or a string)."""
-  if vocab is None or isinstance(vocab, str):
-    return vocab or ''
-  from prompt_transfer import trainer  # pylint: disable=g-import-not-at-top
-  return trainer._describe_vocab(vocab)  # pylint: disable=protected-access
 
 
 def _vocab_key(text: str) -> Any:
@@ -179,7 +178,7 @@ def check_compatible(info: PromptInfo, model_config: Any, vocab: Any = None,
   if array is not None and np.shape(array)[-1] != want['emb_dim'] and not any(
       p.startswith('emb_dim') for p in problems):
     problems.append(f'prompt width {np.shape(array)[-1]} vs emb_dim {want["emb_dim"]}')
-  vocab_text = describe_vocabulary(vocab)
+  vocab_text = files.describe_vocabulary(vocab)
   if vocab_text and info.vocabulary and _vocab_key(vocab_text) != _vocab_key(info.vocabulary):
     problems.append(f'vocabulary {info.vocabulary} vs {vocab_text}')
   if problems:

@@ -7,12 +7,13 @@ from typing import Any, Optional, Tuple
 import jax
 import numpy as np
 
-from prompt_transfer.config import T5Config
-from prompt_transfer.models import EncoderDecoderModel, Params, build_model
+from prompt_transfer.model.config import T5Config
+from prompt_transfer.model.models import EncoderDecoderModel, Params, build_model
+from prompt_transfer.prompts.slot import PromptModuleFactory
 
 
 # Checkpoints shipped inside the package (the quick-start's tiny model).
-PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
+PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PKG_PREFIX = 'pkg://'
 
 
@@ -49,7 +50,8 @@ def detect_format(path: str) -> str:
       'nor a T5X checkpoint directory (checkpoint_N/checkpoint).')
 
 
-def load_pretrained(path: str, prompt_length: int = 0, config: Optional[T5Config] = None,
+def load_pretrained(path: str, prompt_module: Optional[PromptModuleFactory] = None,
+                    config: Optional[T5Config] = None,
                     **model_kwargs: Any) -> Tuple[EncoderDecoderModel, Params]:
   """Reads a checkpoint and returns (model, frozen params) on the host.
 
@@ -57,10 +59,10 @@ def load_pretrained(path: str, prompt_length: int = 0, config: Optional[T5Config
   overrides the configuration read (HF) or inferred from the arrays (T5X).
   The parameters are checked against the model's expected shapes; a missing,
   extra or mis-shaped parameter raises CheckpointMismatchError naming it.
-  With prompt_length > 0 the prompt is not in the checkpoint: create it with
-  `model.init_prompt(rng, params)`.
+  With a prompt module, its parameters are not in the checkpoint: create them
+  with `model.init_prompt(rng, params)`.
   """
-  from prompt_transfer import checkpoint_import  # pylint: disable=g-import-not-at-top
+  from prompt_transfer.model import checkpoint_import  # pylint: disable=g-import-not-at-top
   path = resolve_checkpoint_path(path)
   fmt = detect_format(path)
   if fmt == 'hf':
@@ -69,8 +71,24 @@ def load_pretrained(path: str, prompt_length: int = 0, config: Optional[T5Config
     params = checkpoint_import.read_t5x_checkpoint(path)
     read_config = checkpoint_import.config_from_params(params, base=config)
   config = config or read_config
-  model = build_model(config, prompt_length=prompt_length, **model_kwargs)
+  model = build_model(config, prompt_module, **model_kwargs)
   expected = build_model(config).param_shapes()
   checkpoint_import.check_params(params, expected, source=os.fspath(path))
   params = jax.tree_util.tree_map(lambda x: np.asarray(x, dtype=np.float32), params)
   return model, params
+
+
+def load_frozen_params(config: T5Config, checkpoint_path: Optional[str], seed: int = 0
+                       ) -> Params:
+  """The frozen model's weights: pretrained from checkpoint_path, else a
+  seeded random model of `config` (host arrays, no prompt).
+
+  A checkpoint whose shapes do not fit the configured model is refused with
+  both descriptions (checkpoint_import.CheckpointMismatchError).
+  """
+  if not checkpoint_path:
+    # Deterministic from `seed`: every run (and every resume) gets the same
+    # frozen model, which is what makes prompts of tiny demo models reusable.
+    return build_model(config).init_params(jax.random.PRNGKey(seed))
+  _, params = load_pretrained(checkpoint_path, config=config)
+  return params

@@ -25,8 +25,8 @@ from typing import Any, Dict, Optional
 
 import numpy as np
 
-from prompt_transfer import checkpoint_import as ci
-from prompt_transfer.config import T5Config
+from prompt_transfer.model import checkpoint_import as ci
+from prompt_transfer.model.config import T5Config
 
 PROMPT_FILE = 'prompt.npy'
 # The encoder's prompt subtree (CONTRACT.md); HF T5 has no such parameter.

@@ -28,7 +28,7 @@ from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
-from prompt_transfer.config import T5Config
+from prompt_transfer.model.config import T5Config
 
 PathLike = Union[str, 'os.PathLike[str]']
 Params = Dict[str, Any]

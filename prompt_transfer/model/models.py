@@ -4,28 +4,46 @@
 (params, batch), so callers jit, shard and differentiate them as they need.
 Batches are T5X's encoder-decoder features: `encoder_input_tokens`,
 `decoder_input_tokens`, `decoder_target_tokens` (and optional
-`decoder_loss_weights`), token 0 = padding and decoder BOS, 1 = EOS.
+`decoder_loss_weights`), token 0 = padding and decoder BOS, 1 = EOS, plus the
+per-example features a prompt module reads (`PROMPT_FEATURES`, e.g.
+`task_ids`).
 """
 from __future__ import annotations
 
-import functools
-from typing import Any, Callable, Mapping, Optional, Tuple
+from typing import Any, Mapping, Optional, Tuple
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
+from flax import traverse_util
 
-from prompt_transfer import decoding
-from prompt_transfer.config import T5Config
-from prompt_transfer.network import Transformer
-from prompt_transfer.prompts import Prompt, PromptInit, random_uniform
+from prompt_transfer.model import decoding
+from prompt_transfer.model.config import T5Config
+from prompt_transfer.model.network import Transformer
+from prompt_transfer.prompts.slot import LOSSES, PromptModuleFactory, split_output
 
 Array = jax.Array
 Params = Mapping[str, Any]
 Batch = Mapping[str, Array]
 
-# Where prompt-producing modules keep their parameters: the trainable subtree.
+# Where prompt modules keep their parameters: the trainable subtree.
 PROMPT_PATH = ('encoder', 'prompt')
+# The features a model batch has (T5X's encoder-decoder features) ...
+MODEL_FEATURES = ('encoder_input_tokens', 'decoder_input_tokens', 'decoder_target_tokens')
+# ... and the per-example ones a prompt module may read, when the data carries them.
+PROMPT_FEATURES = ('task_ids',)
+
+
+def model_features(batch: Batch) -> dict:
+  """The arrays the model reads (drops strings and other seqio extras)."""
+  return {k: batch[k] for k in MODEL_FEATURES + PROMPT_FEATURES if k in batch}
+
+
+def prompt_features(batch: Batch) -> Optional[dict]:
+  """The batch's per-example prompt features, None when it has none."""
+  out = {k: batch[k] for k in PROMPT_FEATURES if k in batch}
+  return out or None
 
 
 class EncoderDecoderModel:
@@ -48,6 +66,17 @@ class EncoderDecoderModel:
     config = self.config.replace(**changes)
     return EncoderDecoderModel(config, self.module.clone(config=config), self.vocabulary,
                                z_loss=self.z_loss, label_smoothing=self.label_smoothing)
+
+  def with_prompt_module(self, prompt_module: Optional[PromptModuleFactory]
+                         ) -> 'EncoderDecoderModel':
+    """The same frozen model with another prompt module (None: plain T5)."""
+    return EncoderDecoderModel(self.config, self.module.clone(prompt_module=prompt_module),
+                               self.vocabulary, z_loss=self.z_loss,
+                               label_smoothing=self.label_smoothing)
+
+  @property
+  def prompt_module(self) -> Optional[PromptModuleFactory]:
+    return self.module.prompt_module
 
   # ---- parameters -----------------------------------------------------------
   def _dummy_batch(self, batch_size: int = 1, input_len: int = 4, target_len: int = 4):
@@ -81,10 +110,12 @@ class EncoderDecoderModel:
     enc, dec, tgt = self._dummy_batch()
     params = dict(frozen_params)
     params['encoder'] = {k: v for k, v in params['encoder'].items() if k != 'prompt'}
+    features = {k: jnp.zeros((enc.shape[0],), jnp.int32) for k in PROMPT_FEATURES}
     @jax.jit
     def init(params, rng):
       _, variables = self.module.apply({'params': params}, enc, dec, tgt,
-                                       rngs={'params': rng}, mutable=['params'])
+                                       prompt_features=features,
+                                       rngs={'params': rng}, mutable=['params', LOSSES])
       # Only the new subtree leaves the jit: returning the whole tree would
       # copy every frozen weight into fresh output buffers.
       return nn.unbox(variables['params'])['encoder'].get('prompt')
@@ -93,14 +124,48 @@ class EncoderDecoderModel:
       params['encoder'] = {**params['encoder'], 'prompt': prompt}
     return params
 
+  def materialize_prompt(self, params: Params, features: Optional[Batch] = None) -> Any:
+    """The prompt rows the prompt module produces, as the encoder sees them.
+
+    A shared module: one [l, e] array (rows its mask leaves out dropped).
+    A per-example module: one [l_i, e] array per example of `features`
+    (e.g. {'task_ids': [b]}); without features, one per prompt of a module
+    with `num_prompts` (task ids 0..K-1). Numpy float32, on the host.
+    """
+    factory = self.prompt_module
+    if factory is None:
+      raise ValueError('This model has no prompt module.')
+    module = factory()
+    if features is None:
+      k = getattr(module, 'num_prompts', None)
+      features = {'task_ids': np.arange(k)} if k else {}
+    n = len(next(iter(features.values()))) if features else 1
+    feats = {'encoder_input_tokens': jnp.ones((n, 1), jnp.int32),
+             **{k: jnp.asarray(v) for k, v in features.items()}}
+    out = module.apply({'params': params['encoder']['prompt']['prompt']},
+                       params['token_embedder']['embedding'], feats,
+                       mutable=[LOSSES])[0]
+    prompt, mask = split_output(out)
+    prompt = np.asarray(jax.device_get(prompt), np.float32)
+    mask = None if mask is None else np.asarray(jax.device_get(mask), bool)
+    if prompt.ndim == 2:
+      return prompt if mask is None else prompt[np.broadcast_to(mask, prompt.shape[:1])]
+    if mask is None:
+      return list(prompt)
+    mask = np.broadcast_to(mask, prompt.shape[:2])
+    return [p[m] for p, m in zip(prompt, mask)]
+
   # ---- training -------------------------------------------------------------
   def loss_fn(self, params: Params, batch: Batch, dropout_rng: Optional[Array]
               ) -> Tuple[Array, dict]:
-    """Token-averaged cross entropy (+ z-loss) -> (loss, metrics)."""
-    logits = self.module.apply(
+    """Token-averaged cross entropy (+ z-loss) + the prompt module's auxiliary
+    loss terms -> (loss, metrics); each term is also a metric `losses/<name>`."""
+    logits, state = self.module.apply(
         {'params': params}, batch['encoder_input_tokens'], batch['decoder_input_tokens'],
         batch['decoder_target_tokens'], enable_dropout=dropout_rng is not None,
-        rngs={'dropout': dropout_rng} if dropout_rng is not None else None)
+        prompt_features=prompt_features(batch),
+        rngs={'dropout': dropout_rng} if dropout_rng is not None else None,
+        mutable=[LOSSES])
     targets = batch['decoder_target_tokens']
     weights = batch.get('decoder_loss_weights', (targets > 0).astype(jnp.float32))
     weights = weights.astype(jnp.float32)
@@ -108,9 +173,14 @@ class EncoderDecoderModel:
     denom = jnp.maximum(jnp.sum(weights), 1.0)
     loss = jnp.sum((ce + z) * weights) / denom
     accuracy = jnp.sum((jnp.argmax(logits, -1) == targets) * weights) / denom
-    return loss, {'loss': loss, 'cross_entropy': jnp.sum(ce * weights) / denom,
-                  'z_loss': jnp.sum(z * weights) / denom, 'token_accuracy': accuracy,
-                  'num_tokens': jnp.sum(weights)}
+    metrics = {'cross_entropy': jnp.sum(ce * weights) / denom,
+               'z_loss': jnp.sum(z * weights) / denom, 'token_accuracy': accuracy,
+               'num_tokens': jnp.sum(weights)}
+    for name, value in aux_losses(state).items():
+      loss = loss + value
+      metrics[f'{LOSSES}/{name}'] = value
+    metrics['loss'] = loss
+    return loss, metrics
 
   # ---- inference ------------------------------------------------------------
   def score_batch(self, params: Params, batch: Batch) -> Array:
@@ -119,7 +189,8 @@ class EncoderDecoderModel:
 
   def _score(self, params: Params, batch: Batch) -> Array:
     logits = self.module.apply({'params': params}, batch['encoder_input_tokens'],
-                               batch['decoder_input_tokens'], batch['decoder_target_tokens'])
+                               batch['decoder_input_tokens'], batch['decoder_target_tokens'],
+                               prompt_features=prompt_features(batch))
     targets = batch['decoder_target_tokens']
     logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
     token_logp = jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
@@ -135,6 +206,7 @@ class EncoderDecoderModel:
     targets = batch.get('decoder_target_tokens', batch['decoder_input_tokens'])
     _, state = self.module.apply({'params': params}, batch['encoder_input_tokens'],
                                  batch['decoder_input_tokens'], targets,
+                                 prompt_features=prompt_features(batch),
                                  mutable=['intermediates'])
     inter = state['intermediates']
     return inter if decoder else {'encoder': inter['encoder']}
@@ -157,6 +229,7 @@ class EncoderDecoderModel:
     enc_tokens = batch['encoder_input_tokens']
     b, max_len = enc_tokens.shape[0], batch['decoder_input_tokens'].shape[1]
     encoded, mask = self.module.apply({'params': params}, enc_tokens,
+                                      prompt_features=prompt_features(batch),
                                       method=Transformer.encode)
     # A full-length pass in decode mode creates the caches: zeros for
     # self-attention, projected encoder keys/values for cross-attention.
@@ -184,9 +257,18 @@ class EncoderDecoderModel:
 
 
 def _model_features(batch: Batch) -> dict:
-  """The arrays the model reads (drops strings and other seqio extras)."""
-  keys = ('encoder_input_tokens', 'decoder_input_tokens', 'decoder_target_tokens')
-  return {k: jnp.asarray(batch[k]) for k in keys if k in batch}
+  return {k: jnp.asarray(v) for k, v in model_features(batch).items()}
+
+
+def aux_losses(state: Mapping[str, Any]) -> dict:
+  """{name: scalar} of the terms prompt modules sowed into the `losses`
+  collection (a name sown several times is summed)."""
+  out: dict = {}
+  flat = traverse_util.flatten_dict(dict(state.get(LOSSES, {})))
+  for path, values in flat.items():
+    values = values if isinstance(values, tuple) else (values,)
+    out[path[-1]] = out.get(path[-1], 0.0) + sum(jnp.sum(v) for v in values)
+  return out
 
 
 def cross_entropy_with_z_loss(logits: Array, targets: Array, z_loss: float = 0.0,
@@ -204,20 +286,11 @@ def cross_entropy_with_z_loss(logits: Array, targets: Array, z_loss: float = 0.0
   return ce, z_loss * jnp.square(log_z)
 
 
-def build_model(config: T5Config, prompt_length: int = 0,
-                prompt_init: Optional[PromptInit] = None,
-                prompt_factory: Optional[Callable[..., nn.Module]] = None,
+def build_model(config: T5Config, prompt_module: Optional[PromptModuleFactory] = None,
                 vocabulary: Any = None, **model_kwargs: Any) -> EncoderDecoderModel:
-  """Model with a free prompt of `prompt_length` rows, or a custom producer.
-
-  prompt_factory overrides the free prompt (projector, intrinsic decoder, ...):
-  it is called with name='prompt' and must return a module mapping the
-  embedding table to a [l, e] prompt. prompt_length 0 and no factory: plain T5.
-  """
-  if prompt_factory is None and prompt_length > 0:
-    prompt_factory = functools.partial(Prompt, length=prompt_length,
-                                       init=prompt_init or random_uniform())
-  module = Transformer(config, prompt=prompt_factory)
+  """The model with a prompt module (see prompts/slot.py; e.g.
+  `free.free_prompt(100, init)`), or plain T5 without one."""
+  module = Transformer(config, prompt_module=prompt_module)
   return EncoderDecoderModel(config, module, vocabulary, **model_kwargs)
 
 

@@ -1,6 +1,6 @@
 """FFN neuron read-outs of the frozen model: activated-neuron overlap and importance.
 
-Both read the `intermediates` every MLP block sows (see network.MlpBlock) via
+Both read the `intermediates` every MLP block sows (see layers.MlpBlock) via
 `EncoderDecoderModel.capture_activations`; nothing here re-implements the
 forward pass.
 
@@ -41,7 +41,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from prompt_transfer.models import EncoderDecoderModel, Params, build_model, merge_prompt
+from prompt_transfer.model.models import (MODEL_FEATURES, EncoderDecoderModel, Params, build_model,
+                                          merge_prompt, model_features)
+from prompt_transfer.prompts.free import free_prompt
 
 STACKS = ('decoder', 'encoder', 'both')
 PROBES = ('prompt', 'examples')
@@ -95,7 +97,7 @@ def _stacks(stack: str) -> tuple:
 @functools.lru_cache(maxsize=16)
 def _prompted_model(config: Any, length: int) -> EncoderDecoderModel:
   # One module per (config, prompt length); the prompt values come in params.
-  return build_model(config, prompt_length=length)
+  return build_model(config, free_prompt(length))
 
 
 @functools.lru_cache(maxsize=16)
@@ -151,13 +153,12 @@ def activation_pattern(model: EncoderDecoderModel, params_without_prompt: Params
   try:
     model = _prompted_model(model.config, length)
   except TypeError:  # a config with unhashable fields (lists from gin)
-    model = build_model(model.config, prompt_length=length)
+    model = build_model(model.config, free_prompt(length))
   if probe == 'prompt':
     batch = prompt_probe(start_token)
   elif batch is None:
     raise ValueError("probe='examples' needs a batch of task examples.")
-  batch = {k: jnp.asarray(batch[k]) for k in
-           ('encoder_input_tokens', 'decoder_input_tokens', 'decoder_target_tokens')}
+  batch = {k: jnp.asarray(batch[k]) for k in MODEL_FEATURES}
   inter = _capture_fn(model)(with_prompt(params_without_prompt, prompt_array), batch)
   inter = jax.device_get(inter)
   names, rows = [], []
@@ -253,8 +254,7 @@ def ffn_importance(model: EncoderDecoderModel, params: Params,
   sums: dict = {}
   counts: dict = {}
   for batch in batches:
-    batch = {k: jnp.asarray(batch[k]) for k in
-             ('encoder_input_tokens', 'decoder_input_tokens', 'decoder_target_tokens')}
+    batch = {k: jnp.asarray(v) for k, v in model_features(batch).items()}
     inter = jax.device_get(capture(params, batch))
     enc = np.asarray(batch['encoder_input_tokens'])
     tgt = np.asarray(batch['decoder_target_tokens'])

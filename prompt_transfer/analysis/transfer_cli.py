@@ -20,15 +20,18 @@ from __future__ import annotations
 import argparse
 import csv
 import dataclasses
+import io
 import json
 import os
 import sys
 from typing import Any, Mapping, Optional, Sequence
 
 import numpy as np
+from etils import epath
 
-from prompt_transfer import library
-from prompt_transfer import similarity as sim_lib
+from prompt_transfer import fileio
+from prompt_transfer.analysis import library
+from prompt_transfer.analysis import similarity as sim_lib
 
 # One module serves both commands (cli.EXTRA_COMMANDS gives each this HELP).
 HELP = ('Prompt transferability: similarity = indicators between prompts; transfer-matrix = '
@@ -118,12 +121,13 @@ def _setup_gin(args: argparse.Namespace, gin_bindings: Sequence[str], need_model
 
 def load_frozen_model(model_seed: int = 0) -> tuple:
   """(plain model, frozen params) of the gin-configured model."""
-  from prompt_transfer import cli, trainer  # pylint: disable=g-import-not-at-top
-  from prompt_transfer.models import build_model  # pylint: disable=g-import-not-at-top
-  config = trainer.model_config()
-  model = build_model(config)
+  from prompt_transfer import cli  # pylint: disable=g-import-not-at-top
+  from prompt_transfer.model.models import build_model  # pylint: disable=g-import-not-at-top
+  from prompt_transfer.model.pretrained import load_frozen_params  # pylint: disable=g-import-not-at-top
+  from prompt_transfer.training import configurables  # pylint: disable=g-import-not-at-top
+  config = configurables.model_config()
   checkpoint = cli._macro('CHECKPOINT_PATH')  # pylint: disable=protected-access
-  return model, trainer.load_frozen_params(model, checkpoint, model_seed)
+  return build_model(config), load_frozen_params(config, checkpoint, model_seed)
 
 
 def _feature_lengths() -> dict:
@@ -135,22 +139,15 @@ def _feature_lengths() -> dict:
 def task_batch(task_name: str, feature_lengths: Mapping[str, int], num_examples: int,
                split: str = 'validation') -> dict:
   """The first examples of a split as one batch of encoder-decoder features."""
-  import seqio  # pylint: disable=g-import-not-at-top
-  ds = seqio.get_dataset(task_name, dict(feature_lengths), dataset_split=split, shuffle=False,
-                         num_epochs=1, use_cached=False,
-                         feature_converter=seqio.EncDecFeatureConverter(pack=False))
-  rows = list(ds.take(num_examples).as_numpy_iterator())
-  if not rows:
-    raise ValueError(f'Task {task_name!r} has no {split} examples.')
-  keys = ('encoder_input_tokens', 'decoder_input_tokens', 'decoder_target_tokens')
-  return {k: np.stack([r[k] for r in rows]) for k in keys}
+  from prompt_transfer.training import data  # pylint: disable=g-import-not-at-top
+  return data.first_examples(task_name, feature_lengths, num_examples, split)
 
 
 def neuron_matrices(prompts: Mapping[str, np.ndarray], model: Any, params: Any,
                     probe: str = 'prompt', batch: Optional[Mapping] = None,
                     stack: str = 'decoder') -> tuple:
   """(overall ON matrix, {window or layer: ON matrix}) in dict order."""
-  from prompt_transfer import neurons  # pylint: disable=g-import-not-at-top
+  from prompt_transfer.analysis import neurons  # pylint: disable=g-import-not-at-top
   patterns = neurons.activation_patterns(model, params, prompts, probe=probe, batch=batch,
                                          stack=stack)
   first = next(iter(patterns.values()))
@@ -207,8 +204,8 @@ def run_similarity(args: argparse.Namespace, gin_bindings: Sequence[str]) -> int
     if args.probe == 'examples':
       if not args.probe_task:
         raise _usage('--probe=examples needs --probe_task=TASK.')
-      from prompt_transfer import trainer  # pylint: disable=g-import-not-at-top
-      vocab = trainer.get_task(args.probe_task).output_features['targets'].vocabulary
+      from prompt_transfer.training import data  # pylint: disable=g-import-not-at-top
+      vocab = data.get_task(args.probe_task).output_features['targets'].vocabulary
       batch = task_batch(args.probe_task, _feature_lengths(), args.probe_examples)
     _check_all(lib, model.config, vocab, args.projector)
     matrices[NEURON_METRIC], windows = neuron_matrices(
@@ -404,10 +401,12 @@ def compute_transfer_matrix(prompts: Mapping[str, np.ndarray], task_names: Seque
   One model per prompt length and one seqio evaluator per task are built, so a
   prompt swap only changes parameter values (no recompilation).
   """
-  from prompt_transfer import evaluation, neurons  # pylint: disable=g-import-not-at-top
-  from prompt_transfer.models import build_model  # pylint: disable=g-import-not-at-top
+  from prompt_transfer.analysis import neurons  # pylint: disable=g-import-not-at-top
+  from prompt_transfer.model.models import build_model  # pylint: disable=g-import-not-at-top
+  from prompt_transfer.prompts.free import free_prompt  # pylint: disable=g-import-not-at-top
+  from prompt_transfer.training import data, evaluation  # pylint: disable=g-import-not-at-top
   sources, task_names = list(prompts), list(task_names)
-  evaluators = {t: evaluation.build_evaluator(t, task_feature_lengths, split, num_examples)
+  evaluators = {t: data.build_evaluator(t, task_feature_lengths, split, num_examples)
                 for t in task_names}
   models: dict = {}
   raw = np.full((len(sources), len(task_names)), np.nan)
@@ -417,7 +416,7 @@ def compute_transfer_matrix(prompts: Mapping[str, np.ndarray], task_names: Seque
     array = np.asarray(prompts[s], np.float32)
     length = array.shape[0]
     if length not in models:
-      models[length] = build_model(config, prompt_length=length)
+      models[length] = build_model(config, free_prompt(length))
     params = neurons.with_prompt(frozen_params, array)
     for j, t in enumerate(task_names):
       results = evaluation.run_evaluation(evaluators[t], models[length], params, batch_size)
@@ -447,13 +446,12 @@ def indicator_correlations(tm: TransferMatrix, indicators: Mapping[str, np.ndarr
 
 
 def _write_csv(path: str, rows: Sequence[str], cols: Sequence[str], values: np.ndarray) -> None:
-  tmp = f'{path}.tmp'
-  with open(tmp, 'w', newline='') as f:
-    w = csv.writer(f)
-    w.writerow(['source\\target'] + list(cols))
-    for r, row in zip(rows, values):
-      w.writerow([r] + [f'{v:.6g}' if np.isfinite(v) else '' for v in row])
-  os.replace(tmp, path)
+  out = io.StringIO(newline='')
+  w = csv.writer(out)
+  w.writerow(['source\\target'] + list(cols))
+  for r, row in zip(rows, values):
+    w.writerow([r] + [f'{v:.6g}' if np.isfinite(v) else '' for v in row])
+  fileio.atomic_write_text(path, out.getvalue())
 
 
 def write_transfer_outputs(output_dir: str, tm: TransferMatrix,
@@ -461,7 +459,7 @@ def write_transfer_outputs(output_dir: str, tm: TransferMatrix,
                            indicators: Optional[Mapping[str, np.ndarray]] = None,
                            indicator_names: Optional[Sequence[str]] = None) -> dict:
   """transfer_{raw,relative}.{csv,png} and transfer.json; returns the paths."""
-  os.makedirs(output_dir, exist_ok=True)
+  epath.Path(output_dir).mkdir(parents=True, exist_ok=True)
   paths = {}
   for kind, values in (('raw', tm.raw), ('relative', tm.relative)):
     paths[f'{kind}_csv'] = os.path.join(output_dir, f'transfer_{kind}.csv')
@@ -482,7 +480,7 @@ def write_transfer_outputs(output_dir: str, tm: TransferMatrix,
 
 def run_transfer_matrix(args: argparse.Namespace, gin_bindings: Sequence[str]) -> int:
   _setup_gin(args, gin_bindings, need_model=True)
-  from prompt_transfer import trainer  # pylint: disable=g-import-not-at-top
+  from prompt_transfer.training import data  # pylint: disable=g-import-not-at-top
   lib = _load(args)
   task_names = [t for spec in (args.tasks or []) for t in spec.split(',') if t]
   if not task_names:
@@ -492,7 +490,7 @@ def run_transfer_matrix(args: argparse.Namespace, gin_bindings: Sequence[str]) -
                    'have none): add --tasks=TASK[,TASK...].')
   model, params = load_frozen_model(args.model_seed)
   for t in task_names:  # fails early on an unknown task or an incompatible prompt
-    vocab = trainer.get_task(t).output_features['targets'].vocabulary
+    vocab = data.get_task(t).output_features['targets'].vocabulary
     _check_all(lib, model.config, vocab, args.projector)
   prompts = {n: a for n, (a, _) in lib.items()}
   tm = compute_transfer_matrix(prompts, task_names, model.config, params, _feature_lengths(),
@@ -568,11 +566,8 @@ def _finite(obj: Any) -> Any:
 
 
 def _write_json(path: str, obj: Any) -> None:
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  tmp = f'{path}.tmp'
-  with open(tmp, 'w') as f:
-    json.dump(_finite(obj), f, indent=1, allow_nan=False)
-  os.replace(tmp, path)
+  fileio.makedirs_for(path)
+  fileio.atomic_write_text(path, json.dumps(_finite(obj), indent=1, allow_nan=False))
 
 
 def _usage(message: str) -> Exception:

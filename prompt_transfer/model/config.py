@@ -16,7 +16,7 @@ import jax.numpy as jnp
 # T5X pads to a multiple of 128).
 T5_VOCAB_SIZE = 32128
 MT5_VOCAB_SIZE = 250112
-# T5Config.dropout_mask values (network.Dropout) and remat_policy values
+# T5Config.dropout_mask values (layers.Dropout) and remat_policy values
 # (network.REMAT_POLICIES).
 DROPOUT_MASKS = ('hash', 'prng')
 REMAT_POLICY_NAMES = ('dots', 'nothing')
@@ -39,7 +39,7 @@ class T5Config:
   # ('relu',) for T5 1.0; ('gelu', 'linear') is the gated-GELU of T5 1.1.
   mlp_activations: Sequence[str] = ('relu',)
   dropout_rate: float = 0.1
-  # How dropout masks are drawn (network.Dropout): 'hash' hashes each element's
+  # How dropout masks are drawn (layers.Dropout): 'hash' hashes each element's
   # index with two seeds from the dropout key (30x cheaper than threefry on a
   # CPU); 'prng' is flax's Dropout, jax.random.bernoulli with the key's PRNG.
   dropout_mask: str = 'hash'

@@ -1,0 +1,187 @@
+"""Prompt files: Google's numpy-checkpoint layout and our `prompt_info.json` sidecar.
+
+`MODEL_DIR/numpy_checkpoints/checkpoint_STEP/encoder.prompt.prompt.prompt` is
+the prompt as the model sees it ([length, d_model], plain `np.save` content,
+no suffix: what Google's prompt-tuning code writes and reads), whatever module
+produced it (`EncoderDecoderModel.materialize_prompt`). Beside it: the prompt
+module's own free parameters (`encoder.prompt.prompt.<name>`, when they are
+not that array) and `prompt_info.json` (`PromptInfo`). A per-example module
+(a prompt bank) writes one sub-folder `prompt_K/` per prompt, each in the same
+layout. A step's folder is written under a temporary name and renamed.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+from typing import Any, Mapping, Optional
+
+import numpy as np
+from etils import epath
+
+from prompt_transfer import fileio
+
+NUMPY_DIR = 'numpy_checkpoints'
+INFO_FILE = 'prompt_info.json'
+# The materialised prompt's file name: the flattened path of a free prompt.
+PROMPT_FILE = 'encoder.prompt.prompt.prompt'
+PER_PROMPT_DIR = 'prompt_{}'
+# A numpy header is a few hundred bytes; more is not a prompt file.
+_MAX_HEADER = 4096
+
+
+class PromptFileError(ValueError):
+  """A prompt file that cannot be used: missing, wrong shape, dtype or values."""
+
+
+@dataclasses.dataclass
+class PromptInfo:
+  """The JSON sidecar of a saved prompt (read back by the prompt library).
+
+  module: the prompt module's class (`Prompt`, `LowRankPrompt`, ...);
+  param_shapes: its free parameters' shapes by dotted name; prompt_length:
+  rows of the materialised prompt.
+  """
+  task: str = ''
+  model: dict = dataclasses.field(default_factory=dict)
+  vocabulary: str = ''
+  prompt_length: int = 0
+  step: int = 0
+  metrics: dict = dataclasses.field(default_factory=dict)
+  module: str = ''
+  param_shapes: dict = dataclasses.field(default_factory=dict)
+
+  @classmethod
+  def from_json(cls, text: str) -> 'PromptInfo':
+    data = json.loads(text)
+    known = {f.name for f in dataclasses.fields(cls)}
+    return cls(**{k: v for k, v in data.items() if k in known})
+
+  def to_json(self) -> str:
+    return json.dumps(dataclasses.asdict(self), indent=1, default=float)
+
+
+def describe_vocabulary(vocab: Any) -> str:
+  """The sidecar's text for a seqio vocabulary: 'Type(model file, size=N)'."""
+  if vocab is None or isinstance(vocab, str):
+    return vocab or ''
+  path = (getattr(vocab, 'sentencepiece_model_file', None)
+          or getattr(vocab, '_sentencepiece_model_file', None))
+  return f'{type(vocab).__name__}({path or ""}, size={vocab.vocab_size})'
+
+
+# ---------------------------------------------------------------------------
+# Reading one prompt file.
+# ---------------------------------------------------------------------------
+def load_prompt_file(path: fileio.PathLike, expected_shape: Optional[tuple] = None
+                     ) -> np.ndarray:
+  """Reads a numpy prompt file (with or without `.npy`, local or remote) and
+  validates it. Raises PromptFileError naming the file, the expected and the
+  actual shape.
+  """
+  path = os.fspath(path)
+  if not path:
+    raise PromptFileError('PROMPT_FILE is empty: add --gin.PROMPT_FILE=\\"\'/path/to/prompt\'\\".')
+  p = epath.Path(path)
+  if not p.exists():
+    raise PromptFileError(f'Prompt file {path!r} does not exist.')
+  if p.is_dir():
+    raise PromptFileError(f'Prompt file {path!r} is a folder; give the file inside it, e.g. '
+                          f'{path.rstrip("/")}/{PROMPT_FILE}.')
+  try:
+    with p.open('rb') as f:
+      value = np.load(f, allow_pickle=False)
+  except Exception as e:  # numpy raises several types for a non-numpy file
+    raise PromptFileError(f'Prompt file {path!r} is not a numpy array file: {e}') from e
+  if not isinstance(value, np.ndarray):
+    raise PromptFileError(f'Prompt file {path!r} holds several arrays (an .npz archive); '
+                          'expected one [length, d_model] array saved with np.save.')
+  if not np.issubdtype(value.dtype, np.floating):
+    raise PromptFileError(f'Prompt file {path!r} has dtype {value.dtype}; expected a float array.')
+  if value.ndim != 2:
+    raise PromptFileError(f'Prompt file {path!r} has shape {value.shape}; expected a 2-D '
+                          f'[length, d_model] array{f" of shape {expected_shape}" if expected_shape else ""}.')
+  if expected_shape is not None and tuple(value.shape) != tuple(expected_shape):
+    raise PromptFileError(f'Prompt file {path!r} has shape {tuple(value.shape)}; the model '
+                          f'expects {tuple(expected_shape)} ([PROMPT_LENGTH, d_model]).')
+  if not np.all(np.isfinite(value)):
+    raise PromptFileError(f'Prompt file {path!r} contains NaN or infinite values.')
+  return value.astype(np.float32)
+
+
+def load_prompt_info(prompt_file: fileio.PathLike) -> Optional[PromptInfo]:
+  """The sidecar next to a prompt file, or None."""
+  path = epath.Path(prompt_file).parent / INFO_FILE
+  if not path.exists():
+    return None
+  return PromptInfo.from_json(path.read_text())
+
+
+# ---------------------------------------------------------------------------
+# The numpy checkpoint layout of a run.
+# ---------------------------------------------------------------------------
+def numpy_checkpoint_dir(model_dir: fileio.PathLike, step: int) -> str:
+  return os.fspath(epath.Path(model_dir) / NUMPY_DIR / f'checkpoint_{step}')
+
+
+def prompt_file(model_dir: fileio.PathLike, step: Optional[int] = None) -> str:
+  """The materialised prompt of a run at `step` (default: its latest numpy step)."""
+  if step is None:
+    step = latest_numpy_step(model_dir)
+    if step is None:
+      raise FileNotFoundError(f'No numpy prompt checkpoint under {os.fspath(model_dir)}/'
+                              f'{NUMPY_DIR}; pass --gin.PROMPT_FILE=... instead.')
+  return os.fspath(epath.Path(numpy_checkpoint_dir(model_dir, step)) / PROMPT_FILE)
+
+
+def latest_numpy_step(model_dir: fileio.PathLike) -> Optional[int]:
+  root = epath.Path(model_dir) / NUMPY_DIR
+  if not root.is_dir():
+    return None
+  steps = [int(m.group(1)) for p in root.iterdir()
+           if (m := re.fullmatch(r'checkpoint_(\d+)', p.name))]
+  return max(steps) if steps else None
+
+
+def _write_arrays(folder: epath.Path, arrays: Mapping[str, np.ndarray],
+                  info: Optional[PromptInfo]) -> None:
+  folder.mkdir(parents=True, exist_ok=True)
+  for name, value in arrays.items():
+    with (folder / name).open('wb') as f:
+      np.save(f, np.asarray(value))
+  if info is not None:
+    (folder / INFO_FILE).write_text(info.to_json())
+
+
+def save_numpy_checkpoint(model_dir: fileio.PathLike, step: int, prompt: Any,
+                          params: Mapping[str, np.ndarray],
+                          info: Optional[PromptInfo] = None) -> str:
+  """Writes a step's prompt(s), the module's free parameters and the sidecar.
+
+  prompt: the materialised prompt, one [l, e] array (shared), a list of them
+  (a per-example module's prompts: one `prompt_K/` sub-folder each), or None
+  (no prompt module: model tuning). params: the trainable parameters by
+  dotted full path (`encoder.prompt.prompt.u`); a free prompt's own array has
+  the prompt file's name and is written once. Only process 0 should call it.
+  The folder appears whole or not at all. Returns the final folder.
+  """
+  final = epath.Path(numpy_checkpoint_dir(model_dir, step))
+  final.parent.mkdir(parents=True, exist_ok=True)
+  tmp = fileio.tmp_name(final)
+  arrays = {k: np.asarray(v) for k, v in params.items()}
+  if isinstance(prompt, np.ndarray):
+    arrays[PROMPT_FILE] = np.asarray(prompt, np.float32)
+  _write_arrays(tmp, arrays, info)
+  if isinstance(prompt, (list, tuple)):
+    for k, row in enumerate(prompt):
+      sub = None
+      if info is not None:
+        sub = dataclasses.replace(info, prompt_length=int(row.shape[0]),
+                                  task=f'{info.task}#{k}' if info.task else f'#{k}')
+      _write_arrays(tmp / PER_PROMPT_DIR.format(k), {PROMPT_FILE: np.asarray(row, np.float32)},
+                    sub)
+  if final.exists():  # a re-run of the same step replaces it
+    final.rmtree()
+  tmp.rename(final)
+  return os.fspath(final)

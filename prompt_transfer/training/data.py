@@ -1,0 +1,173 @@
+"""Data for training and evaluation: seqio task -> features -> batches.
+
+One place for the task lookup, the feature converter (T5X's unpacked
+encoder-decoder features, plus the per-example features a prompt module reads,
+such as `task_ids`), the training stream and the evaluator's data.
+"""
+from __future__ import annotations
+
+import difflib
+from typing import Any, Iterator, Mapping, Optional, Sequence
+
+import jax
+import numpy as np
+
+from prompt_transfer.model.models import MODEL_FEATURES, PROMPT_FEATURES
+
+TASK_IDS = 'task_ids'
+
+
+class DataError(ValueError):
+  """A data set-up that cannot work (unknown task, batch not divisible, ...)."""
+
+
+def get_task(name: str) -> Any:
+  """The seqio task or mixture; an unknown name lists the close ones."""
+  import seqio  # pylint: disable=g-import-not-at-top
+  try:
+    return seqio.get_mixture_or_task(name)
+  except ValueError:
+    names = sorted(set(seqio.TaskRegistry.names()) | set(seqio.MixtureRegistry.names()))
+    close = difflib.get_close_matches(name, names, n=5, cutoff=0.5)
+    hint = f' Did you mean: {", ".join(close)}?' if close else ''
+    raise ValueError(f'Task or mixture {name!r} is not registered.{hint} '
+                     '`t5x list-tasks` lists them; register your own with '
+                     '--module_import=my.tasks.module.') from None
+
+
+def feature_converter(passthrough: Sequence[str] = ()) -> Any:
+  """T5X's encoder-decoder features, unpacked (a prompt is prepended to each
+  example, so examples cannot share a row); `passthrough` per-example features
+  (each a length-1 int32 sequence, e.g. task_ids) are carried to the batch."""
+  import seqio  # pylint: disable=g-import-not-at-top
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  unknown = set(passthrough) - set(PROMPT_FEATURES)
+  if unknown:
+    raise DataError(f'Unknown per-example features {sorted(unknown)}; the model reads '
+                    f'{PROMPT_FEATURES}.')
+  spec = {k: seqio.FeatureConverter.FeatureSpec(dtype=tf.int32) for k in passthrough}
+  return seqio.EncDecFeatureConverter(pack=False, passthrough_features=spec or None)
+
+
+def sequence_lengths(task_feature_lengths: Mapping[str, int],
+                     passthrough: Sequence[str] = ()) -> dict:
+  """Task feature lengths plus length 1 for each passthrough feature."""
+  return {**dict(task_feature_lengths), **{k: 1 for k in passthrough}}
+
+
+def get_dataset(task_name: str, task_feature_lengths: Mapping[str, int], split: str,
+                passthrough: Sequence[str] = (), **kwargs: Any) -> Any:
+  """seqio.get_dataset with our feature converter (no cache)."""
+  import seqio  # pylint: disable=g-import-not-at-top
+  return seqio.get_dataset(task_name, sequence_lengths(task_feature_lengths, passthrough),
+                           dataset_split=split, use_cached=False,
+                           feature_converter=feature_converter(passthrough), **kwargs)
+
+
+def model_batch(batch: Mapping[str, Any]) -> dict:
+  """The arrays of a converted batch the model reads (task_ids flattened to [b])."""
+  out = {k: batch[k] for k in MODEL_FEATURES if k in batch}
+  for k in PROMPT_FEATURES:
+    if k in batch:
+      out[k] = np.asarray(batch[k]).reshape(np.shape(batch[k])[0], -1)[:, 0]
+  return out
+
+
+def train_dataset(task_name: str, task_feature_lengths: Mapping[str, int], batch_size: int,
+                  seed: int, start_step: int, split: str = 'train',
+                  host_data_sharding: str = 'seqio',
+                  passthrough: Sequence[str] = ()) -> Iterator[dict]:
+  """This host's rows of each global batch, in a fixed order from `seed`.
+
+  Resuming at step n skips the n batches already seen, so a resumed run trains
+  on exactly the batches an uninterrupted one would.
+  host_data_sharding: 'seqio' (T5X's way: each host reads its own shard of the
+  data) or 'slice' (every host reads the whole stream and keeps its rows of
+  each global batch: the batches do not depend on the number of hosts, at the
+  cost of reading everything everywhere).
+  """
+  import seqio  # pylint: disable=g-import-not-at-top
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  n_hosts, host = jax.process_count(), jax.process_index()
+  if batch_size % n_hosts:
+    raise DataError(f'BATCH_SIZE={batch_size} is not divisible by {n_hosts} processes.')
+  per_host = batch_size // n_hosts
+  if host_data_sharding not in ('seqio', 'slice'):
+    raise DataError(f"host_data_sharding must be 'seqio' or 'slice', got {host_data_sharding!r}")
+  seqio_shard = host_data_sharding == 'seqio'
+  ds = get_dataset(
+      task_name, task_feature_lengths, split, passthrough, shuffle=True, num_epochs=None,
+      shard_info=seqio.ShardInfo(index=host if seqio_shard else 0,
+                                 num_shards=n_hosts if seqio_shard else 1),
+      seed=seed)
+  if seqio_shard:
+    ds = ds.batch(per_host, drop_remainder=True)
+  else:
+    ds = ds.batch(batch_size, drop_remainder=True).map(
+        lambda b: {k: v[host * per_host:(host + 1) * per_host] for k, v in b.items()})
+  ds = ds.skip(start_step)
+  return map(model_batch, ds.prefetch(tf.data.AUTOTUNE).as_numpy_iterator())
+
+
+def first_examples(task_name: str, task_feature_lengths: Mapping[str, int],
+                   num_examples: int, split: str = 'validation') -> dict:
+  """The first examples of a split as one batch of model features."""
+  ds = get_dataset(task_name, task_feature_lengths, split, shuffle=False, num_epochs=1)
+  rows = list(ds.take(num_examples).as_numpy_iterator())
+  if not rows:
+    raise DataError(f'Task {task_name!r} has no {split} examples.')
+  return {k: np.stack([r[k] for r in rows]) for k in MODEL_FEATURES}
+
+
+def build_evaluator(mixture_or_task_name: str, task_feature_lengths: Mapping[str, int],
+                    split: str = 'validation', num_examples: Optional[int] = None,
+                    seed: int = 42, passthrough: Sequence[str] = ()) -> Any:
+  """seqio's Evaluator over the task (or every task of a mixture)."""
+  import seqio  # pylint: disable=g-import-not-at-top
+  return seqio.Evaluator(
+      mixture_or_task_name=mixture_or_task_name,
+      feature_converter=feature_converter(passthrough),
+      eval_split=split, sequence_length=sequence_lengths(task_feature_lengths, passthrough),
+      num_examples=num_examples, seed=seed, logger_cls=(),
+      async_compute_metrics=False)
+
+
+# ---------------------------------------------------------------------------
+# Per-example task ids.
+# ---------------------------------------------------------------------------
+def add_task_id(task_id: int) -> Any:
+  """A seqio preprocessor adding `task_ids` = [task_id] to every example."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+
+  def preprocess(dataset: Any) -> Any:
+    return dataset.map(lambda ex: {**ex, TASK_IDS: tf.constant([task_id], tf.int32)},
+                       num_parallel_calls=tf.data.AUTOTUNE)
+  return preprocess
+
+
+def register_with_task_ids(name: str, task_names: Sequence[str],
+                           rates: Optional[Sequence[float]] = None) -> str:
+  """Registers a mixture `name` of copies of `task_names` whose examples carry
+  `task_ids` = the task's position in the list (for a prompt bank or any
+  per-example prompt module). The copies are named `<task>@<name>`. Returns
+  the mixture's name; registering the same name again is a no-op.
+  """
+  import seqio  # pylint: disable=g-import-not-at-top
+  if name in seqio.MixtureRegistry.names():
+    return name
+  copies = []
+  for k, task_name in enumerate(task_names):
+    task = get_task(task_name)
+    if isinstance(task, seqio.Mixture):
+      raise DataError(f'{task_name!r} is a mixture; give its tasks.')
+    copy = f'{task_name}@{name}'
+    if copy not in seqio.TaskRegistry.names():
+      seqio.TaskRegistry.add(
+          copy, source=task.source, output_features=task.output_features,
+          preprocessors=list(task.preprocessors) + [add_task_id(k)],
+          postprocess_fn=task.postprocessor, metric_objs=list(task.metric_objs),
+          shuffle_buffer_size=task.shuffle_buffer_size)
+    copies.append(copy)
+  rates = list(rates) if rates is not None else [1.0] * len(copies)
+  seqio.MixtureRegistry.add(name, list(zip(copies, rates)))
+  return name

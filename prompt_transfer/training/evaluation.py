@@ -1,0 +1,252 @@
+"""Evaluation and inference over seqio tasks with the task's own metrics.
+
+seqio's `Evaluator` owns the data and the metrics (decode-mode `metric_fns`
+and rank-classification `score_metric_fns`); this module supplies the model
+functions it calls, batched at one fixed shape so nothing recompiles.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any, Callable, Iterable, Mapping, Optional, Sequence, Tuple
+
+import gin
+import jax
+import numpy as np
+from etils import epath
+
+from prompt_transfer import fileio
+from prompt_transfer.model.models import EncoderDecoderModel, Params
+from prompt_transfer.training import data
+
+
+def iterate_padded_batches(ds: Any, batch_size: int) -> Iterable[Tuple[np.ndarray, dict, int]]:
+  """(indices, numpy batch, number of real rows) from an enumerated tf.data set.
+
+  The last batch is padded with copies of its first row so every batch has the
+  same shape (one compilation); padded rows are dropped by the caller.
+  """
+  for idx, ex in ds.batch(batch_size).as_numpy_iterator():
+    n = len(idx)
+    batch = data.model_batch(ex)
+    if n < batch_size:
+      batch = {k: np.concatenate([v, np.repeat(v[:1], batch_size - n, 0)]) for k, v in
+               batch.items()}
+    yield idx, batch, n
+
+
+def make_predict_fn(model: EncoderDecoderModel, params: Params, batch_size: int,
+                    num_decodes: int = 1) -> Callable[[Any], list]:
+  def predict_fn(ds: Any) -> list:
+    out = []
+    for idx, batch, n in iterate_padded_batches(ds, batch_size):
+      tokens = np.asarray(model.predict_batch(params, batch, num_decodes=num_decodes))
+      out.extend((int(i), [int(t) for t in row]) for i, row in zip(idx, tokens[:n]))
+    return out
+  return predict_fn
+
+
+def make_score_fn(model: EncoderDecoderModel, params: Params, batch_size: int
+                  ) -> Callable[[Any], list]:
+  def score_fn(ds: Any) -> list:
+    out = []
+    for idx, batch, n in iterate_padded_batches(ds, batch_size):
+      scores = np.asarray(model.score_batch(params, batch))
+      out.extend((int(i), float(s)) for i, s in zip(idx, scores[:n]))
+    return out
+  return score_fn
+
+
+def run_evaluation(evaluator: Any, model: EncoderDecoderModel, params: Params,
+                   batch_size: int, step: Optional[int] = None) -> dict:
+  """Runs the task metrics -> {'task/metric': value} (floats)."""
+  future, _ = evaluator.evaluate(
+      compute_metrics=True, step=step,
+      predict_fn=make_predict_fn(model, params, batch_size),
+      score_fn=make_score_fn(model, params, batch_size))
+  results = future.result() if hasattr(future, 'result') else future
+  flat = {}
+  for task, metrics in (results or {}).items():
+    for name, value in metrics.items():
+      value = getattr(value, 'value', value)  # seqio.metrics.Scalar
+      try:
+        flat[f'{task}/{name}'] = float(value)
+      except (TypeError, ValueError):
+        continue
+  return flat
+
+
+def _is_rank_task(task: Any) -> bool:
+  """A rank-classification twin: scored candidates, nothing to decode."""
+  return bool(getattr(task, 'score_metric_fns', None)) and not task.predict_metric_fns
+
+
+def write_predictions(path: str, evaluator: Any, model: EncoderDecoderModel,
+                      params: Params, batch_size: int, num_decodes: int = 1) -> int:
+  """Writes JSON lines {task, inputs, targets, prediction}, one per example.
+
+  Generation tasks are decoded. Rank twins (`<task>_rank`) are scored instead:
+  one line per original example (not per candidate row) whose prediction is
+  the best-scoring label word, with every candidate's log-likelihood.
+  """
+  lines = []
+  for task in evaluator.eval_tasks:
+    ds = evaluator.cached_model_datasets[task.name]
+    vocab = task.output_features['targets'].vocabulary
+    inputs_vocab = task.output_features['inputs'].vocabulary
+    rows = evaluator.cached_task_datasets[task.name].as_numpy_iterator()
+    if _is_rank_task(task):
+      scores = dict(make_score_fn(model, params, batch_size)(ds))
+      examples: dict = {}  # idx -> line, in first-seen order
+      for i, ex in enumerate(rows):
+        line = examples.setdefault(int(ex['idx']), {
+            'task': task.name, 'inputs': inputs_vocab.decode(_strip(ex['inputs'])),
+            'targets': _text(ex['gold_targets']), 'prediction': None, 'scores': {}})
+        word = vocab.decode(_strip(ex['targets']))
+        line['scores'][word] = scores[i]
+        if line['prediction'] is None or scores[i] > line['scores'][line['prediction']]:
+          line['prediction'] = word  # ties: the first candidate, as the metric does
+      for line in examples.values():
+        lines.append(json.dumps(line))
+      continue
+    preds = dict(make_predict_fn(model, params, batch_size, num_decodes)(ds))
+    for i, ex in enumerate(rows):
+      lines.append(json.dumps({
+          'task': task.name,
+          'inputs': inputs_vocab.decode(_strip(ex['inputs'])),
+          'targets': vocab.decode(_strip(ex['targets'])),
+          'prediction': vocab.decode(_strip(preds[i])),
+      }))
+  fileio.makedirs_for(path)
+  fileio.atomic_write_text(path, ''.join(l + '\n' for l in lines))
+  return len(lines)
+
+
+def _text(value: Any) -> str:
+  return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _strip(tokens: Sequence[int]) -> list:
+  """Tokens before the first EOS, without padding."""
+  out = []
+  for t in tokens:
+    t = int(t)
+    if t == 1:
+      break
+    if t:
+      out.append(t)
+  return out
+
+
+@dataclasses.dataclass
+class StepEvaluator:
+  """Evaluation during training: the task's metrics on the stage's model."""
+  evaluator: Any
+  batch_size: int
+
+  @classmethod
+  def create(cls, eval_period: Optional[int], task_name: str,
+             task_feature_lengths: Mapping[str, int], split: str,
+             num_examples: Optional[int], batch_size: int,
+             passthrough: Sequence[str] = ()) -> Optional['StepEvaluator']:
+    if not eval_period:
+      return None
+    return cls(data.build_evaluator(task_name, task_feature_lengths, split, num_examples,
+                                    passthrough=passthrough), batch_size)
+
+  def __call__(self, setup: Any, step: int) -> dict:
+    """{'eval/task/metric': value} of the set-up's model and state at `step`."""
+    from prompt_transfer.training.logger import log  # pylint: disable=g-import-not-at-top
+    from prompt_transfer.training.state import merge_params  # pylint: disable=g-import-not-at-top
+    params = merge_params(setup.state['trainable'], setup.frozen)
+    results = run_evaluation(self.evaluator, setup.model, params, self.batch_size, step)
+    log(f'eval at step {step}: ' + ', '.join(f'{k} {v:.4g}' for k, v in sorted(results.items())))
+    return {f'eval/{k}': v for k, v in results.items()}
+
+
+# ---------------------------------------------------------------------------
+# Entry points of `t5x eval` and `t5x infer`.
+# ---------------------------------------------------------------------------
+def load_prompted_model(prompt_file: Optional[str], model_dir: Optional[str] = None,
+                        checkpoint_path: Optional[str] = None, model_seed: int = 0,
+                        config: Any = None, vocabulary: Any = None
+                        ) -> Tuple[EncoderDecoderModel, Params, str]:
+  """(model, full params on the device, where the prompt came from).
+
+  The prompt is read as the encoder sees it: PROMPT_FILE, else MODEL_DIR's
+  latest `encoder.prompt.prompt.prompt` (which every run writes, whatever its
+  prompt module), as a free prompt of the file's length; its sidecar must
+  name a model of the configured dimensions. Neither: the plain model.
+  """
+  from prompt_transfer.analysis import library  # pylint: disable=g-import-not-at-top
+  from prompt_transfer.model.models import build_model  # pylint: disable=g-import-not-at-top
+  from prompt_transfer.model.pretrained import load_frozen_params  # pylint: disable=g-import-not-at-top
+  from prompt_transfer.prompts import files  # pylint: disable=g-import-not-at-top
+  from prompt_transfer.prompts.free import free_prompt  # pylint: disable=g-import-not-at-top
+  from prompt_transfer.prompts.initializers import from_array  # pylint: disable=g-import-not-at-top
+  from prompt_transfer.training import configurables  # pylint: disable=g-import-not-at-top
+  config = config or configurables.model_config()
+  if not prompt_file and model_dir:
+    prompt_file = files.prompt_file(model_dir)
+  prompt_module = None
+  if prompt_file:
+    array = files.load_prompt_file(prompt_file)
+    info = files.load_prompt_info(prompt_file) or files.PromptInfo(prompt_length=array.shape[0])
+    library.check_compatible(info, config, vocabulary, array, name=os.fspath(prompt_file))
+    prompt_module = free_prompt(array.shape[0], from_array(array))
+  model = build_model(config, prompt_module, vocabulary=vocabulary)
+  params = load_frozen_params(config, checkpoint_path, model_seed)
+  if prompt_module is not None:
+    params = model.init_prompt(jax.random.PRNGKey(0), params)
+  # On the device once, not re-sent with every batch.
+  return model, jax.device_put(params), os.fspath(prompt_file) if prompt_file else '(no prompt)'
+
+
+@gin.configurable
+def evaluate(model_dir: Optional[str] = None, mixture_or_task_name: str = gin.REQUIRED,
+             task_feature_lengths: Mapping[str, int] = gin.REQUIRED,
+             prompt_file: Optional[str] = None, checkpoint_path: Optional[str] = None,
+             split: str = 'validation', batch_size: int = 32,
+             num_examples: Optional[int] = None, model_seed: int = 0,
+             output_file: Optional[str] = None) -> dict:
+  """Evaluates a prompt (PROMPT_FILE, or MODEL_DIR's latest numpy checkpoint).
+
+  Prints and returns {'task/metric': value}; writes it as JSON to output_file
+  (default MODEL_DIR/eval_<split>.json).
+  """
+  task = data.get_task(mixture_or_task_name)
+  model, params, source = load_prompted_model(
+      prompt_file, model_dir, checkpoint_path, model_seed,
+      vocabulary=task.output_features['targets'].vocabulary)
+  evaluator = data.build_evaluator(task.name, task_feature_lengths, split, num_examples)
+  results = run_evaluation(evaluator, model, params, batch_size)
+  print(f'[prompt-transfer] eval of {source} on {task.name} ({split}): ' +
+        ', '.join(f'{k} {v:.4g}' for k, v in sorted(results.items())), flush=True)
+  output_file = output_file or (os.fspath(epath.Path(model_dir) / f'eval_{split}.json')
+                                if model_dir else None)
+  if output_file:
+    fileio.makedirs_for(output_file)
+    fileio.atomic_write_text(output_file, json.dumps(
+        {'prompt': source, 'task': task.name, 'split': split, 'metrics': results}, indent=1))
+  return results
+
+
+@gin.configurable
+def infer(model_dir: Optional[str] = None, mixture_or_task_name: str = gin.REQUIRED,
+          task_feature_lengths: Mapping[str, int] = gin.REQUIRED,
+          prompt_file: Optional[str] = None, checkpoint_path: Optional[str] = None,
+          split: str = 'validation', batch_size: int = 32, num_decodes: int = 1,
+          num_examples: Optional[int] = None, model_seed: int = 0,
+          output_file: Optional[str] = None) -> str:
+  """Decodes a split and writes JSON lines {task, inputs, targets, prediction}."""
+  task = data.get_task(mixture_or_task_name)
+  model, params, _ = load_prompted_model(
+      prompt_file, model_dir, checkpoint_path, model_seed,
+      vocabulary=task.output_features['targets'].vocabulary)
+  evaluator = data.build_evaluator(task.name, task_feature_lengths, split, num_examples)
+  output_file = output_file or os.fspath(epath.Path(model_dir or '.') /
+                                         f'predictions_{split}.jsonl')
+  n = write_predictions(output_file, evaluator, model, params, batch_size, num_decodes)
+  print(f'[prompt-transfer] wrote {n} predictions to {output_file}', flush=True)
+  return output_file

@@ -1,0 +1,196 @@
+"""The T5X-style trainer: task -> features -> batch -> model with prompt -> loss
+-> prompt update -> numpy file, all visible in `train()`.
+
+The parts it wires are one module each: data.py (task, features, batches),
+state.py (frozen weights and train state on a mesh), step.py (the jitted
+step), checkpoints.py (orbax + numpy prompt + sidecar), logger.py
+(metrics.jsonl, throughput, FLOPs, MFU, compile counter), stages.py (staged
+training) and evaluation.py.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Mapping, Optional, Sequence, Tuple
+
+import gin
+import jax
+import optax
+from etils import epath
+
+from prompt_transfer import fileio
+from prompt_transfer.model.config import T5Config
+from prompt_transfer.model.models import build_model
+from prompt_transfer.model.pretrained import load_frozen_params
+from prompt_transfer.prompts.slot import PromptModuleFactory
+from prompt_transfer.training import checkpoints as ckpt_lib
+from prompt_transfer.training import configurables
+from prompt_transfer.training import data
+from prompt_transfer.training import evaluation
+from prompt_transfer.training import partitioning
+from prompt_transfer.training import perf
+from prompt_transfer.training import stages as stages_lib
+from prompt_transfer.training import step as step_lib
+from prompt_transfer.training.logger import StepLogger, log
+from prompt_transfer.training.state import (PROMPT_PARAMS, TrainingError, TrainSetup,
+                                            merge_params, prompt_tuning_optimizer, set_up)
+
+__all__ = ['train', 'TrainingError']
+
+
+@gin.configurable
+def train(
+    model_dir: str = gin.REQUIRED,
+    mixture_or_task_name: str = gin.REQUIRED,
+    task_feature_lengths: Mapping[str, int] = gin.REQUIRED,
+    train_steps: int = gin.REQUIRED,
+    batch_size: int = 32,
+    config: Optional[T5Config] = None,
+    prompt_module: Optional[PromptModuleFactory] = None,
+    stages: Optional[Sequence[stages_lib.Stage]] = None,
+    checkpoint_path: Optional[str] = None,
+    optimizer: Optional[optax.GradientTransformation] = None,
+    learning_rate: Any = 0.3,
+    trainable_params: str = PROMPT_PARAMS,
+    checkpoint_period: int = 1000,
+    keep_checkpoints: Optional[int] = 3,
+    eval_period: Optional[int] = None,
+    eval_split: str = 'validation',
+    eval_num_examples: Optional[int] = None,
+    eval_batch_size: Optional[int] = None,
+    eval_at_start: bool = False,
+    log_period: int = 10,
+    seed: int = 0,
+    model_seed: int = 0,
+    use_dropout: bool = True,
+    num_partitions: int = 1,
+    mesh_shape: Optional[Tuple[int, int]] = None,
+    host_data_sharding: str = 'seqio',
+    rng_impl: str = 'threefry',
+) -> dict:
+  """Trains the prompt module (or any parameters matching `trainable_params`).
+
+  prompt_module: the prompt module factory (prompts/slot.py has the contract;
+  runs/prompt_tune.gin binds `@prompt_config()`, a free [PROMPT_LENGTH,
+  d_model] prompt); None: no prompt (model tuning). Its parameters live under
+  encoder/prompt/ and are what `trainable_params` selects. stages: a staged run (stages.py); default one stage, the model of
+  `config`. Writes orbax train-state checkpoints and numpy prompts every
+  `checkpoint_period` steps, at each stage's end and at the end; resumes from
+  MODEL_DIR when it holds a checkpoint; logs to metrics.jsonl and
+  TensorBoard. Returns the last logged metrics (with eval metrics if any).
+
+  rng_impl: the dropout key's PRNG (see step.dropout_key).
+  """
+  model_dir = fileio.normalize_dir(model_dir)  # local or gs://
+  epath.Path(model_dir).mkdir(parents=True, exist_ok=True)
+  if jax.process_index() == 0:
+    fileio.atomic_write_text(epath.Path(model_dir) / 'config.gin', gin.operative_config_str())
+
+  # Task -> vocabulary -> the stages' models, each with the prompt module.
+  task = data.get_task(mixture_or_task_name)
+  vocab = task.output_features['targets'].vocabulary
+  config = config or configurables.model_config()
+  if vocab.vocab_size > config.vocab_size:
+    raise TrainingError(f'Task {task.name!r} has a vocabulary of {vocab.vocab_size} ids but '
+                        f'the model {config.name} only {config.vocab_size}.')
+  prompt_module = configurables.bind_task(prompt_module, task)
+  passthrough = _prompt_feature_names(prompt_module)
+  plan = stages_lib.plan(stages, train_steps)
+  model = build_model(config, prompt_module, vocabulary=vocab)  # the full model
+
+  tx = optimizer or prompt_tuning_optimizer(learning_rate)
+  lr_fn = learning_rate if callable(learning_rate) else (lambda step: learning_rate)
+  mesh = partitioning.make_mesh(num_partitions, mesh_shape)
+  # Dropout keys: one per step, folded from the seed (a resume sees the same keys).
+  dropout_rng = step_lib.dropout_key(seed, rng_impl)
+  init_rng = jax.random.fold_in(jax.random.PRNGKey(seed), 1)
+
+  def stage_setup(i: int, carry: Optional[dict] = None) -> TrainSetup:
+    stage_config, frozen = plan.stages[i].build(
+        config, load_frozen_params(config, checkpoint_path, model_seed))
+    stage_model = model.with_config(**_changed_fields(config, stage_config))
+    setup = set_up(stage_model, frozen, tx, mesh, init_rng, trainable_params, carry)
+    log(f'{plan.label(i) + ": " if len(plan.stages) > 1 else ""}model {stage_config.name}: '
+        f'{setup.num_frozen + setup.num_trainable:,} parameters, '
+        f'{setup.num_trainable:,} trainable ({trainable_params}); mesh {dict(mesh.shape)} '
+        f'over {jax.device_count()} devices, {jax.process_count()} process(es)')
+    return setup
+
+  info = ckpt_lib.prompt_info(model, mixture_or_task_name, vocab)
+  with ckpt_lib.PromptCheckpointer(model_dir, info, keep_checkpoints) as checkpointer:
+    # Restore: the train state of the last complete checkpoint, in its stage.
+    start_step = checkpointer.latest_step() or 0
+    stage_i = plan.index_at(start_step)
+    setup = stage_setup(stage_i)
+    if start_step:
+      setup.state = checkpointer.restore(start_step, setup.state)
+      log(f'resumed from {checkpointer.directory}/{start_step}')
+    # A run killed between the orbax and the numpy write left no numpy file.
+    if (start_step and not checkpointer.has_numpy(start_step)) or start_step == 0:
+      checkpointer.save(start_step, setup.state, setup.model, setup.frozen)  # 0: the init
+
+    evaluator = evaluation.StepEvaluator.create(
+        eval_period, mixture_or_task_name, task_feature_lengths, eval_split,
+        eval_num_examples, eval_batch_size or batch_size, passthrough)
+    last: dict = {}
+    with StepLogger(model_dir, start_step, train_steps, batch_size, lr_fn) as logger:
+      if eval_at_start and evaluator and start_step == 0 and train_steps > 0:
+        logger.write(0, evaluator(setup, 0))  # how good the initial prompt already is
+      batches = data.train_dataset(mixture_or_task_name, task_feature_lengths, batch_size,
+                                   seed, start_step, host_data_sharding=host_data_sharding,
+                                   passthrough=passthrough) if start_step < train_steps else None
+      p_train_step = None
+      for step in range(start_step, train_steps):
+        if plan.index_at(step) != stage_i:  # a stage boundary: new model, same state
+          stage_i = plan.index_at(step)
+          state, setup.state = setup.state, None
+          setup = stage_setup(stage_i, carry=state)
+          p_train_step = None
+        batch = partitioning.global_batch(next(batches), mesh)
+        with partitioning.mesh_context(mesh):
+          if p_train_step is None:  # compiles on its first call: one per stage
+            p_train_step = step_lib.compile_train_step(setup, use_dropout)
+            logger.new_stage(perf_flops(setup, use_dropout, p_train_step, batch, dropout_rng))
+          setup.state, metrics = p_train_step(setup.state, setup.frozen, batch,
+                                              jax.random.fold_in(dropout_rng, step))
+        if step == start_step or step == plan.bounds[stage_i][0]:
+          partitioning.release_host_memory()  # what the compiler freed
+        logger.step_done()
+        done = step + 1
+        stage_end = done == plan.bounds[stage_i][1]
+        # The first step is logged too: the loss before the prompt has moved.
+        if done % log_period == 0 or done == train_steps or done % checkpoint_period == 0 or \
+            done == 1 or stage_end:
+          last = logger.record(done, metrics, checkpointer.latest_step())
+          if evaluator and (done % eval_period == 0 or done == train_steps):
+            last.update(evaluator(setup, done))
+          logger.write(done, last)
+        if done % checkpoint_period == 0 or done == train_steps or stage_end:
+          checkpointer.save(done, setup.state, setup.model, setup.frozen, last)
+      if start_step >= train_steps and evaluator:
+        last = evaluator(setup, start_step)
+  return last
+
+
+def perf_flops(setup: TrainSetup, use_dropout: bool, jitted: Callable, *args: Any
+               ) -> Optional[float]:
+  """Model FLOPs of one step (XLA's count of the lowered step, remat excluded)."""
+  return perf.lowered_flops(step_lib.model_flops_step(setup, use_dropout, jitted),
+                            setup.state, setup.frozen, *args)
+
+
+def _prompt_feature_names(prompt_module: Optional[PromptModuleFactory]) -> Tuple[str, ...]:
+  """The per-example features the prompt module reads (carried by the data)."""
+  if prompt_module is None:
+    return ()
+  return tuple(getattr(prompt_module(), 'per_example_features', ()))
+
+
+def _changed_fields(base: T5Config, other: T5Config) -> dict:
+  return {f.name: getattr(other, f.name) for f in dataclasses.fields(base)
+          if getattr(other, f.name) != getattr(base, f.name)}
+
+
+def full_params(setup: TrainSetup) -> dict:
+  """The stage model's whole parameter tree (frozen + trainable), on devices."""
+  return merge_params(setup.state['trainable'], setup.frozen)
+
