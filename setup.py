@@ -37,7 +37,9 @@ setuptools.setup(
     ],
     extras_require={
         # torch's CPU build is what the parity tests compare against.
-        'test': ['pytest>=8', 'pytest-xdist', 'torch==2.13.0', 'transformers>=4.40'],
+        # gcsfs + a local GCS emulator: the gs:// MODEL_DIR / PROMPT_FILE test.
+        'test': ['pytest>=8', 'pytest-xdist', 'torch==2.13.0', 'transformers>=4.40',
+                 'gcsfs', 'gcp-storage-emulator'],
         'bench': ['torch==2.13.0', 'transformers>=4.40', 'peft', 'psutil'],
     },
     entry_points={'console_scripts': [

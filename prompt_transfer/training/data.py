@@ -149,21 +149,26 @@ def register_with_task_ids(name: str, task_names: Sequence[str],
                            rates: Optional[Sequence[float]] = None) -> str:
   """Registers a mixture `name` of copies of `task_names` whose examples carry
   `task_ids` = the task's position in the list (for a prompt bank or any
-  per-example prompt module). The copies are named `<task>@<name>`. Returns
+  per-example prompt module). The copies are named `<task>:<name>`. Returns
   the mixture's name; registering the same name again is a no-op.
   """
   import seqio  # pylint: disable=g-import-not-at-top
   if name in seqio.MixtureRegistry.names():
     return name
+  # An output feature, so mixtures keep it (they drop every other key); no
+  # vocabulary or EOS: the id passes through as a length-1 int32 sequence.
+  id_feature = seqio.Feature(seqio.PassThroughVocabulary(size=0), add_eos=False,
+                             required=False)
   copies = []
   for k, task_name in enumerate(task_names):
     task = get_task(task_name)
     if isinstance(task, seqio.Mixture):
       raise DataError(f'{task_name!r} is a mixture; give its tasks.')
-    copy = f'{task_name}@{name}'
+    copy = f'{task_name}:{name}'
     if copy not in seqio.TaskRegistry.names():
       seqio.TaskRegistry.add(
-          copy, source=task.source, output_features=task.output_features,
+          copy, source=task.source,
+          output_features={**task.output_features, TASK_IDS: id_feature},
           preprocessors=list(task.preprocessors) + [add_task_id(k)],
           postprocess_fn=task.postprocessor, metric_objs=list(task.metric_objs),
           shuffle_buffer_size=task.shuffle_buffer_size)

@@ -34,7 +34,7 @@ class MetricsWriter:
   object stores such as GCS cannot append.
   """
 
-  def __init__(self, model_dir: str, resume_step: int):
+  def __init__(self, model_dir: str, resume_step: int, tensorboard: bool = True):
     self.path = epath.Path(model_dir) / 'metrics.jsonl'
     self.enabled = jax.process_index() == 0
     self.lines: list = []
@@ -46,6 +46,8 @@ class MetricsWriter:
       self.lines = [l for l in self.path.read_text().splitlines()
                     if l.strip() and json.loads(l).get('step', 0) <= resume_step]
       self._flush()
+    if not tensorboard:
+      return
     try:
       import tensorflow as tf  # pylint: disable=g-import-not-at-top
       self._tb = tf.summary.create_file_writer(os.fspath(epath.Path(model_dir) / 'train'))
@@ -88,8 +90,8 @@ class StepLogger:
   """
 
   def __init__(self, model_dir: str, start_step: int, train_steps: int, batch_size: int,
-               lr_fn: Callable[[int], Any]):
-    self.writer = MetricsWriter(model_dir, start_step)
+               lr_fn: Callable[[int], Any], tensorboard: bool = True):
+    self.writer = MetricsWriter(model_dir, start_step, tensorboard)
     self.model_dir = model_dir
     self.start_step, self.train_steps, self.batch_size = start_step, train_steps, batch_size
     self.lr_fn = lr_fn

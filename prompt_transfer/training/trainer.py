@@ -66,6 +66,7 @@ def train(
     mesh_shape: Optional[Tuple[int, int]] = None,
     host_data_sharding: str = 'seqio',
     rng_impl: str = 'threefry',
+    tensorboard: bool = True,
 ) -> dict:
   """Trains the prompt module (or any parameters matching `trainable_params`).
 
@@ -78,7 +79,9 @@ def train(
   MODEL_DIR when it holds a checkpoint; logs to metrics.jsonl and
   TensorBoard. Returns the last logged metrics (with eval metrics if any).
 
-  rng_impl: the dropout key's PRNG (see step.dropout_key).
+  rng_impl: the dropout key's PRNG (see step.dropout_key). tensorboard: also
+  write TensorBoard events to MODEL_DIR/train (through TensorFlow's own
+  filesystems; metrics.jsonl is always written).
   """
   model_dir = fileio.normalize_dir(model_dir)  # local or gs://
   epath.Path(model_dir).mkdir(parents=True, exist_ok=True)
@@ -132,7 +135,8 @@ def train(
         eval_period, mixture_or_task_name, task_feature_lengths, eval_split,
         eval_num_examples, eval_batch_size or batch_size, passthrough)
     last: dict = {}
-    with StepLogger(model_dir, start_step, train_steps, batch_size, lr_fn) as logger:
+    with StepLogger(model_dir, start_step, train_steps, batch_size, lr_fn,
+                    tensorboard) as logger:
       if eval_at_start and evaluator and start_step == 0 and train_steps > 0:
         logger.write(0, evaluator(setup, 0))  # how good the initial prompt already is
       batches = data.train_dataset(mixture_or_task_name, task_feature_lengths, batch_size,
