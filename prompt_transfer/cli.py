@@ -284,8 +284,9 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     from prompt_transfer.training.stages import StageError  # pylint: disable=g-import-not-at-top
     from prompt_transfer.training.state import TrainingError  # pylint: disable=g-import-not-at-top
     from prompt_transfer.analysis.library import IncompatiblePromptError  # pylint: disable=g-import-not-at-top
+    from prompt_transfer.training.run_lock import RunLockedError  # pylint: disable=g-import-not-at-top
     known = (PromptFileError, TrainingError, ConfigError, FileNotFoundError, DataError,
-             StageError, IncompatiblePromptError)
+             StageError, IncompatiblePromptError, RunLockedError)
     try:
       from prompt_transfer.model.checkpoint_import import CheckpointMismatchError  # pylint: disable=g-import-not-at-top
       known += (CheckpointMismatchError,)

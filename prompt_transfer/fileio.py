@@ -67,3 +67,12 @@ def atomic_write_text(path: PathLike, text: str) -> None:
 def makedirs_for(path: PathLike) -> None:
   """Creates the parent folder of a file path."""
   epath.Path(path).parent.mkdir(parents=True, exist_ok=True)
+
+
+def save_figure(fig, path: PathLike, **kwargs) -> None:
+  """A matplotlib figure written as PNG (or the path's format), atomically."""
+  import io  # pylint: disable=g-import-not-at-top
+  buf = io.BytesIO()
+  fmt = os.fspath(path).rsplit('.', 1)[-1] if '.' in os.fspath(path) else 'png'
+  fig.savefig(buf, format=fmt, **kwargs)
+  atomic_write_bytes(path, buf.getvalue())

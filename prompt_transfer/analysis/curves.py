@@ -10,6 +10,8 @@ import json
 import os
 from typing import Sequence
 
+from prompt_transfer import fileio
+
 HELP = 'Compare runs: first/last loss, eval metrics, and learning curves as a PNG.'
 
 
@@ -60,7 +62,7 @@ def plot(run_dirs: Sequence[str], path: str) -> None:
   ax.grid(alpha=0.3)
   ax.legend()
   fig.tight_layout()
-  fig.savefig(path, dpi=120)
+  fileio.save_figure(fig, path, dpi=120)
   plt.close(fig)
 
 
@@ -76,8 +78,7 @@ def run(args: argparse.Namespace, gin_bindings: Sequence[str]) -> int:
     print(f'{r["run"]:<{width}}  {r["steps"]:>6}  {r["first_loss"]:>10.4f}  '
           f'{r["last_loss"]:>10.4f}  {start or "-"} -> {ev or "-"}')
   if args.json:
-    with open(args.json, 'w') as f:
-      json.dump(rows, f, indent=1)
+    fileio.atomic_write_text(args.json, json.dumps(rows, indent=1))
   if args.png:
     plot(args.run_dirs, args.png)
     print(f'learning curves: {args.png}')

@@ -38,6 +38,8 @@ import numpy as np
 from scipy import stats
 from scipy.spatial import distance
 
+from prompt_transfer import fileio
+
 ArrayLike = Union[np.ndarray, Sequence]
 MetricFn = Callable[[np.ndarray, np.ndarray], float]
 NORMALIZATIONS = ('none', 'scale', 'token')
@@ -308,17 +310,27 @@ def transfer_correlation(similarity: ArrayLike, transfer: ArrayLike,
 
 
 def format_matrix(names: Sequence[str], values: ArrayLike, precision: int = 3,
-                  width: int = 10) -> str:
-  """A plain-text table (row names left, column names on top, clipped)."""
+                  width: int = 7, cols: Optional[Sequence[str]] = None) -> str:
+  """A plain-text table: full row names on the left, numbered; columns headed
+  by those numbers ([1], [2], ...), so no two columns look alike however long
+  the names. cols: other column names (a rectangular table), listed after it.
+  """
   values = np.asarray(values, dtype=np.float64)
-  short = [n if len(n) <= width else n[:width - 1] + '~' for n in names]
-  head = ' ' * (width + 1) + ' '.join(f'{s:>{width}}' for s in short)
-  rows = [head]
-  for s, row in zip(short, values):
+  rows = [f'[{i + 1}] {n}' for i, n in enumerate(names)]
+  square = cols is None
+  col_names = list(names) if square else list(cols)
+  tags = [f'[{i + 1}]' if square else f'[{chr(97 + i % 26)}{i // 26 or ""}]'
+          for i in range(len(col_names))]
+  width = max([width, precision + 3] + [len(tg) for tg in tags])
+  left = max(len(r) for r in rows) if rows else 0
+  lines = [' ' * (left + 1) + ' '.join(f'{tg:>{width}}' for tg in tags)]
+  for r, row in zip(rows, values):
     cells = ' '.join(f'{v:>{width}.{precision}f}' if np.isfinite(v) else f'{"-":>{width}}'
                      for v in row)
-    rows.append(f'{s:<{width}} {cells}')
-  return '\n'.join(rows)
+    lines.append(f'{r:<{left}} {cells}')
+  if not square:
+    lines.append('columns: ' + ', '.join(f'{tg} {c}' for tg, c in zip(tags, col_names)))
+  return '\n'.join(lines)
 
 
 def save_heatmap(path: str, names: Sequence[str], values: ArrayLike, title: str = '',
@@ -347,7 +359,7 @@ def save_heatmap(path: str, names: Sequence[str], values: ArrayLike, title: str 
   ax.set_xlabel(col_label)
   ax.set_ylabel(row_label)
   fig.tight_layout()
-  fig.savefig(path, dpi=100)
+  fileio.save_figure(fig, path, dpi=100)
   plt.close(fig)
   return path
 

@@ -302,7 +302,7 @@ def _heatmap_rows(path: str, rows: Sequence[str], cols: Sequence[str], values: n
               color='black' if ranks[i, j] > 0.6 else 'white')
   ax.set_title(title, fontsize=9)
   fig.tight_layout()
-  fig.savefig(path, dpi=100)
+  fileio.save_figure(fig, path, dpi=100)
   plt.close(fig)
 
 
@@ -337,7 +337,7 @@ def save_heatmaps(path: str, names: Sequence[str], matrices: Mapping[str, np.nda
   for ax in axes.ravel()[n:]:
     ax.axis('off')
   fig.tight_layout()
-  fig.savefig(path, dpi=90)
+  fileio.save_figure(fig, path, dpi=90)
   plt.close(fig)
   return path
 
@@ -510,8 +510,8 @@ def run_transfer_matrix(args: argparse.Namespace, gin_bindings: Sequence[str]) -
   correlations = indicator_correlations(tm, indicators, names)
   paths = write_transfer_outputs(args.output_dir, tm, correlations, indicators, names)
   print('relative transfer (score / target\'s own prompt score; rows = source prompts):')
-  print(sim_lib.format_matrix(tm.sources, tm.relative, width=12) if tm.sources == tm.tasks else
-        _rect_table(tm.sources, tm.tasks, tm.relative))
+  print(sim_lib.format_matrix(tm.sources, tm.relative, cols=None if tm.sources == tm.tasks
+                              else tm.tasks))
   square_names, _ = tm.square(tm.raw)
   if len(square_names) >= 3 and not np.isfinite(tm.square(tm.relative)[1]).any():
     print('Relative transfer is undefined: every task\'s own prompt scores 0.')
@@ -532,16 +532,6 @@ def run_transfer_matrix(args: argparse.Namespace, gin_bindings: Sequence[str]) -
 
 def _fmt(value: Optional[float]) -> str:
   return f'{value:+.3f}' if value is not None and np.isfinite(value) else 'n/a'
-
-
-def _rect_table(rows: Sequence[str], cols: Sequence[str], values: np.ndarray) -> str:
-  width = 12
-  head = ' ' * (width + 1) + ' '.join(f'{c[:width]:>{width}}' for c in cols)
-  lines = [head]
-  for r, row in zip(rows, values):
-    lines.append(f'{r[:width]:<{width}} ' + ' '.join(
-        f'{v:>{width}.3f}' if np.isfinite(v) else f'{"-":>{width}}' for v in row))
-  return '\n'.join(lines)
 
 
 # ---------------------------------------------------------------------------

@@ -60,6 +60,9 @@ class MetricsWriter:
   def write(self, step: int, metrics: Mapping[str, float]) -> None:
     if not self.enabled:
       return
+    # One line per step: a step redone after a resume (e.g. the step-0 eval of
+    # a run killed before its first checkpoint) replaces its earlier line.
+    self.lines = [l for l in self.lines if json.loads(l).get('step') != int(step)]
     self.lines.append(json.dumps({'step': int(step), **{k: float(v) for k, v in metrics.items()}}))
     self._flush()
     if self._tb is not None:

@@ -1,7 +1,7 @@
 """Device meshes, T5X-style logical-axis rules and multi-host set-up.
 
 One `jax.sharding.Mesh` with axes ('data', 'model'). Parameters and
-activations carry logical axis names (network.py); `LOGICAL_AXIS_RULES` maps
+activations carry logical axis names (model/layers.py); `LOGICAL_AXIS_RULES` maps
 them to mesh axes as T5X's standard rules do: the frozen weights are split
 over 'model' (heads, mlp, vocab), batches over 'data', and the prompt (axes
 'prompt', 'prompt_embed') with its optimizer state is replicated. The same code

@@ -31,8 +31,9 @@ from prompt_transfer.training import perf
 from prompt_transfer.training import stages as stages_lib
 from prompt_transfer.training import step as step_lib
 from prompt_transfer.training.logger import StepLogger, log
+from prompt_transfer.training.run_lock import RunLock
 from prompt_transfer.training.state import (PROMPT_PARAMS, TrainingError, TrainSetup,
-                                            merge_params, prompt_tuning_optimizer, set_up)
+                                            prompt_tuning_optimizer, set_up)
 
 __all__ = ['train', 'TrainingError']
 
@@ -85,8 +86,6 @@ def train(
   """
   model_dir = fileio.normalize_dir(model_dir)  # local or gs://
   epath.Path(model_dir).mkdir(parents=True, exist_ok=True)
-  if jax.process_index() == 0:
-    fileio.atomic_write_text(epath.Path(model_dir) / 'config.gin', gin.operative_config_str())
 
   # Task -> vocabulary -> the stages' models, each with the prompt module.
   task = data.get_task(mixture_or_task_name)
@@ -119,7 +118,11 @@ def train(
     return setup
 
   info = ckpt_lib.prompt_info(model, mixture_or_task_name, vocab)
-  with ckpt_lib.PromptCheckpointer(model_dir, info, keep_checkpoints) as checkpointer:
+  # One writer per MODEL_DIR: process 0 holds its lock for the whole run.
+  with RunLock(model_dir, enabled=jax.process_index() == 0), \
+      ckpt_lib.PromptCheckpointer(model_dir, info, keep_checkpoints) as checkpointer:
+    if jax.process_index() == 0:
+      fileio.atomic_write_text(epath.Path(model_dir) / 'config.gin', gin.operative_config_str())
     # Restore: the train state of the last complete checkpoint, in its stage.
     start_step = checkpointer.latest_step() or 0
     stage_i = plan.index_at(start_step)
@@ -146,7 +149,8 @@ def train(
       for step in range(start_step, train_steps):
         if plan.index_at(step) != stage_i:  # a stage boundary: new model, same state
           stage_i = plan.index_at(step)
-          state, setup.state = setup.state, None
+          state = setup.state
+          setup = None  # the previous stage's frozen weights go before the next load
           setup = stage_setup(stage_i, carry=state)
           p_train_step = None
         batch = partitioning.global_batch(next(batches), mesh)
@@ -192,9 +196,4 @@ def _prompt_feature_names(prompt_module: Optional[PromptModuleFactory]) -> Tuple
 def _changed_fields(base: T5Config, other: T5Config) -> dict:
   return {f.name: getattr(other, f.name) for f in dataclasses.fields(base)
           if getattr(other, f.name) != getattr(base, f.name)}
-
-
-def full_params(setup: TrainSetup) -> dict:
-  """The stage model's whole parameter tree (frozen + trainable), on devices."""
-  return merge_params(setup.state['trainable'], setup.frozen)
 
