@@ -67,13 +67,6 @@ class EncoderDecoderModel:
     return EncoderDecoderModel(config, self.module.clone(config=config), self.vocabulary,
                                z_loss=self.z_loss, label_smoothing=self.label_smoothing)
 
-  def with_prompt_module(self, prompt_module: Optional[PromptModuleFactory]
-                         ) -> 'EncoderDecoderModel':
-    """The same frozen model with another prompt module (None: plain T5)."""
-    return EncoderDecoderModel(self.config, self.module.clone(prompt_module=prompt_module),
-                               self.vocabulary, z_loss=self.z_loss,
-                               label_smoothing=self.label_smoothing)
-
   @property
   def prompt_module(self) -> Optional[PromptModuleFactory]:
     return self.module.prompt_module
