@@ -180,6 +180,51 @@ def parse_gin(args: argparse.Namespace, bindings: List[str], command: str) -> No
     root.setLevel(level)
   for macro in REQUIRED_MACROS.get(command, ()) + ('PROMPT_FILE',):
     _check_macro(macro, required=macro != 'PROMPT_FILE')
+  _check_unknown_macros(bindings, files, paths, command)
+
+
+# Macros the code reads itself (cli._macro), whatever the gin files say.
+CODE_MACROS = ('TASK_FEATURE_LENGTHS', 'CHECKPOINT_PATH', 'TFDS_DATA_DIR', 'VOCABULARY_PATH')
+_MACRO_NAME = r'[A-Z][A-Z0-9_]*'
+_INCLUDE = re.compile(r"""^include\s+['"]([^'"]+)['"]""", flags=re.M)
+
+
+def _gin_macros(files: Sequence[str], paths: Sequence[str]) -> set:
+  """Macro names the gin files (and the files they include) define or use."""
+  seen, names, todo = set(), set(), list(files)
+  while todo:
+    path = todo.pop()
+    if path in seen or not os.path.exists(path):
+      continue
+    seen.add(path)
+    with open(path) as f:
+      text = re.sub(r'#.*', '', f.read())
+    names |= set(re.findall(rf'%({_MACRO_NAME})\b', text))
+    names |= set(re.findall(rf'^({_MACRO_NAME})\s*=', text, flags=re.M))
+    for inc in _INCLUDE.findall(text):
+      todo.extend(os.path.join(p, inc) for p in [os.path.dirname(path), *paths])
+  return names
+
+
+def _check_unknown_macros(bindings: Sequence[str], files: Sequence[str],
+                          paths: Sequence[str], command: str) -> None:
+  """A --gin.MACRO=... that no loaded gin file uses is a typo (gin would
+  silently define a new macro): refused, with the close names."""
+  import difflib  # pylint: disable=g-import-not-at-top
+  given = [m.group(1) for b in bindings if (m := re.match(rf'({_MACRO_NAME})\s*=', b))]
+  if not given:
+    return
+  known = _gin_macros(files, paths) | set(CODE_MACROS)
+  for name in given:
+    if name in known:
+      continue
+    if name == 'PROMPT_LENGTH' and command in ('eval', 'infer'):
+      raise UsageError(f"--gin.PROMPT_LENGTH: t5x {command} reads the prompt's length from "
+                       'its file; leave it out.')
+    close = difflib.get_close_matches(name, sorted(known), n=3, cutoff=0.6)
+    hint = f' Did you mean {", ".join(close)}?' if close else ''
+    raise UsageError(f'--gin.{name}: no gin file given uses the macro {name}, so it would '
+                     f'change nothing.{hint}')
 
 
 def _check_macro(name: str, required: bool) -> None:
@@ -292,12 +337,23 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
       known += (CheckpointMismatchError,)
     except ImportError:
       pass
-    if isinstance(e, known) or (isinstance(e, ValueError) and 'not registered' in str(e)):
-      print(f't5x: error: {e}', file=sys.stderr)
+    # OSError: a path that cannot be written or read (permissions, a file where
+    # a folder should be, a full disk); its message names the path.
+    if isinstance(e, known + (OSError,)) or (isinstance(e, ValueError) and
+                                             'not registered' in str(e)):
+      if os.environ.get('PROMPT_TRANSFER_DEBUG'):
+        raise
+      print(f't5x: error: {one_line(e)}', file=sys.stderr)
       code = 1
     else:
       raise
   sys.exit(code)
+
+
+def one_line(error: BaseException) -> str:
+  """The error's own message, without the call-site lines gin appends to it."""
+  text = str(error)
+  return re.split(r"\n\s*In call to configurable '", text)[0].strip()
 
 
 if __name__ == '__main__':

@@ -116,7 +116,7 @@ def test_train_eval_infer_and_from_file(trained, tmp_path):
     assert key in recs[-1]
   assert _prompt(trained, 40).shape == (6, 64)
   # eval and infer read the latest numpy prompt of MODEL_DIR.
-  common = ['--gin_file=models/t5_1_1_tiny_synthetic.gin', '--gin.PROMPT_LENGTH=6',
+  common = ['--gin_file=models/t5_1_1_tiny_synthetic.gin',
             '--gin.MIXTURE_OR_TASK_NAME=synthetic_majority_yesno',
             "--gin.TASK_FEATURE_LENGTHS={'inputs': 64, 'targets': 4}", f'--gin.MODEL_DIR={trained}']
   out = t5x('eval', '--gin_file=runs/eval.gin', *common).stdout

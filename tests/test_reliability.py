@@ -73,3 +73,136 @@ def test_tables_keep_long_names_apart():
   rect = S.format_matrix(names, np.ones((3, 2)), cols=['synthetic_parity_yesno_rank',
                                                        'synthetic_parity_yesno_t5'])
   assert 'synthetic_parity_yesno_rank' in rect and 'synthetic_parity_yesno_t5' in rect
+
+
+def _t5x_error(capsys, *argv):
+  """(exit code, stderr) of an in-process `t5x` call that must fail."""
+  import gin  # pylint: disable=g-import-not-at-top
+  from prompt_transfer import cli  # pylint: disable=g-import-not-at-top
+  gin.clear_config()
+  with pytest.raises(SystemExit) as e:
+    cli.main(list(argv))
+  gin.clear_config()
+  err = capsys.readouterr().err
+  assert 'Traceback' not in err and 'In call to configurable' not in err, err
+  return e.value.code, err.strip()
+
+
+QUICK = ['train', '--gin_file=runs/quickstart.gin']
+
+
+def test_user_errors_are_one_line(tmp_path, capsys):
+  d = str(tmp_path / 'run')
+  code, err = _t5x_error(capsys, *QUICK, '--gin.TRAIN_STEPZ=0', f'--gin.MODEL_DIR={d}')
+  assert code == 2 and 'no gin file given uses the macro TRAIN_STEPZ' in err
+  assert 'Did you mean TRAIN_STEPS' in err and not os.path.exists(d)
+  for value, shown in (('"ten"', "'ten'"), ('2.5', '2.5'), ('-5', '-5')):
+    code, err = _t5x_error(capsys, *QUICK, f'--gin.TRAIN_STEPS={value}', f'--gin.MODEL_DIR={d}')
+    assert code == 1 and err == (f't5x: error: TRAIN_STEPS must be a whole number >= 0; '
+                                 f'got {shown}.'), err
+  assert not os.path.exists(d)
+  a_file = tmp_path / 'a_file'
+  a_file.write_text('x')
+  code, err = _t5x_error(capsys, *QUICK, f'--gin.MODEL_DIR={a_file}')
+  assert code == 1 and err == f't5x: error: MODEL_DIR {a_file} is a file, not a folder.'
+  code, err = _t5x_error(capsys, *QUICK, f'--gin.MODEL_DIR={a_file}/run')
+  assert code == 1 and err.startswith('t5x: error: ') and f'{a_file}' in err
+  assert len(err.splitlines()) == 1
+  evaluate = ['eval', '--gin_file=runs/eval.gin', '--gin_file=models/t5_1_1_tiny_synthetic.gin',
+              '--gin.MIXTURE_OR_TASK_NAME=synthetic_majority_yesno']
+  code, err = _t5x_error(capsys, *evaluate)
+  assert code == 1 and 't5x eval needs a prompt' in err
+  code, err = _t5x_error(capsys, *evaluate, '--gin.PROMPT_LENGTH=6', f'--gin.MODEL_DIR={d}')
+  assert code == 2 and "reads the prompt's length from its file" in err
+
+
+# ---------------------------------------------------------------------------
+# Checkpoint integrity: corrupted or unreadable train state -> the previous
+# good checkpoint; a damaged numpy export -> rewritten.
+# ---------------------------------------------------------------------------
+def _train_run(model_dir, steps):
+  import tasks  # noqa: F401  pylint: disable=g-import-not-at-top,unused-import
+  from prompt_transfer.model.config import get_config  # pylint: disable=g-import-not-at-top
+  from prompt_transfer.prompts import initializers  # pylint: disable=g-import-not-at-top
+  from prompt_transfer.prompts.free import free_prompt  # pylint: disable=g-import-not-at-top
+  from prompt_transfer.training import trainer  # pylint: disable=g-import-not-at-top
+  return trainer.train(
+      model_dir=str(model_dir), mixture_or_task_name='synthetic_majority_yesno',
+      task_feature_lengths={'inputs': 48, 'targets': 4}, train_steps=steps, batch_size=16,
+      config=get_config('t5_1_1', 'tiny', vocab_size=384),
+      prompt_module=free_prompt(6, initializers.from_sampled_vocab()), checkpoint_period=5,
+      log_period=5, seed=3, tensorboard=False)
+
+
+def _numpy_prompt(model_dir, step):
+  from prompt_transfer.prompts import files  # pylint: disable=g-import-not-at-top
+  return np.load(os.path.join(files.numpy_checkpoint_dir(str(model_dir), step),
+                              files.PROMPT_FILE))
+
+
+@pytest.fixture(scope='module')
+def ten_steps(tmp_path_factory):
+  """A run to step 10 (checkpoints 0, 5, 10) and an uninterrupted run to 15."""
+  root = tmp_path_factory.mktemp('integrity')
+  _train_run(root / 'ten', 10)
+  _train_run(root / 'ref', 15)
+  return root
+
+
+def _copy(src, dst):
+  import shutil  # pylint: disable=g-import-not-at-top
+  shutil.copytree(src, dst, ignore=shutil.ignore_patterns('.run.lock'))
+  return dst
+
+
+def _data_files(step_dir):
+  out = []
+  for root, _, names in os.walk(step_dir):
+    out += [os.path.join(root, n) for n in names if n != 'state.sha256']
+  return out
+
+
+def test_a_corrupted_latest_checkpoint_falls_back_to_the_previous_one(ten_steps, tmp_path,
+                                                                      capsys):
+  d = _copy(ten_steps / 'ten', tmp_path / 'run')
+  # 64 flipped bytes in the largest data file of the latest train state.
+  data = max(_data_files(d / 'checkpoints' / '10'), key=os.path.getsize)
+  raw = bytearray(open(data, 'rb').read())
+  for i in range(min(64, len(raw))):
+    raw[len(raw) // 2 + i - 32] ^= 0xFF
+  open(data, 'wb').write(bytes(raw))
+  _train_run(d, 15)
+  out = capsys.readouterr().out
+  assert f'warning: checkpoint {d}/checkpoints/10 is' in out
+  assert f'resumed from {d}/checkpoints/5' in out
+  assert os.listdir(d / 'corrupt_checkpoints')[0].startswith('10-')
+  np.testing.assert_array_equal(_numpy_prompt(d, 15), _numpy_prompt(ten_steps / 'ref', 15))
+
+
+def test_an_emptied_latest_checkpoint_falls_back_and_none_good_is_one_error(ten_steps, tmp_path,
+                                                                            capsys):
+  from prompt_transfer.training.state import TrainingError  # pylint: disable=g-import-not-at-top
+  d = _copy(ten_steps / 'ten', tmp_path / 'run')
+  for f in _data_files(d / 'checkpoints' / '10'):
+    open(f, 'wb').close()  # truncated to nothing
+  _train_run(d, 15)
+  assert f'resumed from {d}/checkpoints/5' in capsys.readouterr().out
+  np.testing.assert_array_equal(_numpy_prompt(d, 15), _numpy_prompt(ten_steps / 'ref', 15))
+  # Every checkpoint damaged: one error naming them, nothing trained.
+  d2 = _copy(ten_steps / 'ten', tmp_path / 'run2')
+  for step in ('0', '5', '10'):
+    for f in _data_files(d2 / 'checkpoints' / step):
+      open(f, 'wb').close()
+  with pytest.raises(TrainingError, match='No usable train-state checkpoint in .*checkpoints/10.*'
+                                          'checkpoints/5.*checkpoints/0'):
+    _train_run(d2, 15)
+
+
+def test_a_truncated_numpy_export_of_the_resumed_step_is_rewritten(ten_steps, tmp_path):
+  d = _copy(ten_steps / 'ten', tmp_path / 'run')
+  good = _numpy_prompt(d, 10)
+  path = os.path.join(d, 'numpy_checkpoints', 'checkpoint_10', 'encoder.prompt.prompt.prompt')
+  with open(path, 'r+b') as f:
+    f.truncate(40)
+  _train_run(d, 10)  # nothing left to train: only the check
+  np.testing.assert_array_equal(_numpy_prompt(d, 10), good)

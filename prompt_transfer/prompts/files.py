@@ -144,6 +144,26 @@ def latest_numpy_step(model_dir: fileio.PathLike) -> Optional[int]:
   return max(steps) if steps else None
 
 
+def numpy_checkpoint_problem(model_dir: fileio.PathLike, step: int) -> Optional[str]:
+  """None if step's numpy checkpoint is complete and every file reads back;
+  else what is wrong with it."""
+  folder = epath.Path(numpy_checkpoint_dir(model_dir, step))
+  if not folder.is_dir():
+    return f'{os.fspath(folder)} is missing'
+  names = [p.name for p in folder.iterdir()]
+  if INFO_FILE not in names:
+    return f'{os.fspath(folder)} has no {INFO_FILE}'
+  try:
+    PromptInfo.from_json((folder / INFO_FILE).read_text())
+    for name in names:
+      if name != INFO_FILE and not (folder / name).is_dir():
+        with (folder / name).open('rb') as f:
+          np.load(f, allow_pickle=False)
+  except Exception as e:  # truncated or garbled files raise several types
+    return f'{os.fspath(folder)}: {type(e).__name__}: {e}'
+  return None
+
+
 def _write_arrays(folder: epath.Path, arrays: Mapping[str, np.ndarray],
                   info: Optional[PromptInfo]) -> None:
   folder.mkdir(parents=True, exist_ok=True)

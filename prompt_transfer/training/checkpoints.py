@@ -2,16 +2,22 @@
 
 `PromptCheckpointer.save(step, ...)` writes both: the train state (step,
 trainable parameters, optimizer state) with orbax, which commits each step
-atomically, and the numpy checkpoint of prompts/files.py (the materialised
-prompt at `encoder.prompt.prompt.prompt`, the prompt module's free
-parameters, `prompt_info.json`). A run restarted on the same MODEL_DIR
-restores the latest complete orbax step and rewrites a missing numpy export.
+atomically, plus a SHA-256 of that state beside it (`state.sha256`), and the
+numpy checkpoint of prompts/files.py (the materialised prompt at
+`encoder.prompt.prompt.prompt`, the prompt module's free parameters,
+`prompt_info.json`). A run restarted on the same MODEL_DIR restores the
+newest orbax step that reads back and matches its checksum: an unreadable or
+corrupted one is moved to MODEL_DIR/corrupt_checkpoints/ with a warning naming
+it and why, and the previous one is used. The numpy export of the resumed step
+is verified and rewritten if missing or damaged.
 """
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import os
-from typing import Any, Mapping, Optional
+import time
+from typing import Any, Mapping, Optional, Tuple
 
 import jax
 import numpy as np
@@ -23,6 +29,25 @@ from prompt_transfer.model.models import EncoderDecoderModel
 from prompt_transfer.prompts import files
 from prompt_transfer.training import partitioning
 from prompt_transfer.training.state import TrainingError
+
+
+def log_warning(message: str) -> None:
+  if jax.process_index() == 0:
+    print(f'[prompt-transfer] warning: {message}', flush=True)
+
+
+CHECKSUM_FILE = 'state.sha256'
+CORRUPT_DIR = 'corrupt_checkpoints'
+
+
+def state_digest(state: Any) -> str:
+  """SHA-256 over every leaf's path, dtype, shape and bytes (host values)."""
+  h = hashlib.sha256()
+  for path, leaf in jax.tree_util.tree_flatten_with_path(state)[0]:
+    a = np.ascontiguousarray(np.asarray(leaf))
+    h.update(f'{jax.tree_util.keystr(path)}|{a.dtype}|{a.shape}|'.encode())
+    h.update(a.tobytes())
+  return h.hexdigest()
 
 
 class TrainStateCheckpointer:
@@ -96,11 +121,49 @@ class PromptCheckpointer:
   def latest_step(self) -> Optional[int]:
     return self.orbax.latest_step()
 
-  def restore(self, step: int, state: dict) -> dict:
-    return self.orbax.restore(step, state)
+  def restore_latest(self, state: dict) -> Tuple[int, dict]:
+    """(step, state) of the newest checkpoint that reads back and matches its
+    checksum; (0, state) when there is none. Bad ones are moved aside."""
+    skipped = []
+    for step in sorted(self.orbax.manager.all_steps(), reverse=True):
+      folder = epath.Path(self.orbax.directory) / str(step)
+      try:
+        restored = self.orbax.restore(step, state)
+        host = jax.tree_util.tree_map(partitioning.to_host, restored)
+      except Exception as e:  # orbax/TensorStore raise many types for damaged files
+        why = f'unreadable ({type(e).__name__}: {str(e).splitlines()[0][:200]})'
+      else:
+        expected = folder / CHECKSUM_FILE
+        if not expected.exists():  # written before checksums existed: trusted
+          return step, restored
+        if expected.read_text().strip() == state_digest(host):
+          if skipped:
+            log_warning(f'resuming from step {step}; skipped ' + '; '.join(skipped))
+          return step, restored
+        why = 'its data does not match the checksum written with it (corrupted)'
+      moved = self._move_aside(step)
+      skipped.append(f'checkpoint {folder} ({why}; moved to {moved})')
+      log_warning(f'checkpoint {folder} is {why}; moved to {moved}, trying the previous one')
+    if skipped:
+      raise TrainingError('No usable train-state checkpoint in '
+                          f'{self.orbax.directory}: ' + '; '.join(skipped) +
+                          '. Remove MODEL_DIR (or use another) to start over.')
+    return 0, state
+
+  def _move_aside(self, step: int) -> str:
+    """Moves a bad step folder out of orbax's sight (kept for inspection)."""
+    src = epath.Path(self.orbax.directory) / str(step)
+    dst_root = epath.Path(self.model_dir) / CORRUPT_DIR
+    dst = dst_root / f'{step}-{time.strftime("%Y%m%d-%H%M%S")}'
+    if jax.process_index() == 0:
+      dst_root.mkdir(parents=True, exist_ok=True)
+      src.rename(dst)
+    self.orbax.manager.reload()
+    return os.fspath(dst)
 
   def has_numpy(self, step: int) -> bool:
-    return files.latest_numpy_step(self.model_dir) == step
+    """Whether step's numpy checkpoint is there and every file in it reads."""
+    return files.numpy_checkpoint_problem(self.model_dir, step) is None
 
   def save(self, step: int, state: dict, model: EncoderDecoderModel, frozen: Mapping,
            metrics: Optional[Mapping[str, float]] = None) -> None:
@@ -111,6 +174,10 @@ class PromptCheckpointer:
                           'not saving. The last good checkpoint is kept.')
     if self.orbax.latest_step() != step:
       self.orbax.save(step, state)
+      host_state = jax.tree_util.tree_map(partitioning.to_host, state)
+      if jax.process_index() == 0:
+        fileio.atomic_write_text(epath.Path(self.orbax.directory) / str(step) / CHECKSUM_FILE,
+                                 state_digest(host_state) + '\n')
     embedding = None
     if model.prompt_module is not None:  # a collective when the table is sharded
       embedding = {'token_embedder': {'embedding': partitioning.to_host(

@@ -209,12 +209,18 @@ def evaluate(model_dir: Optional[str] = None, mixture_or_task_name: str = gin.RE
              prompt_file: Optional[str] = None, checkpoint_path: Optional[str] = None,
              split: str = 'validation', batch_size: int = 32,
              num_examples: Optional[int] = None, model_seed: int = 0,
-             output_file: Optional[str] = None) -> dict:
-  """Evaluates a prompt (PROMPT_FILE, or MODEL_DIR's latest numpy checkpoint).
+             output_file: Optional[str] = None, allow_no_prompt: bool = False) -> dict:
+  """Evaluates a prompt (PROMPT_FILE, or MODEL_DIR's latest numpy checkpoint;
+  neither: an error unless allow_no_prompt, the frozen model's zero-shot score).
 
   Prints and returns {'task/metric': value}; writes it as JSON to output_file
   (default MODEL_DIR/eval_<split>.json).
   """
+  if not (model_dir or prompt_file or allow_no_prompt):
+    raise FileNotFoundError(
+        't5x eval needs a prompt: --gin.MODEL_DIR=\\"/run\\" (its latest numpy checkpoint) or '
+        '--gin.PROMPT_FILE=\\"/path/encoder.prompt.prompt.prompt\\"; '
+        '--gin.evaluate.allow_no_prompt=True evaluates the frozen model alone.')
   task = data.get_task(mixture_or_task_name)
   model, params, source = load_prompted_model(
       prompt_file, model_dir, checkpoint_path, model_seed,

@@ -84,7 +84,14 @@ def train(
   write TensorBoard events to MODEL_DIR/train (through TensorFlow's own
   filesystems; metrics.jsonl is always written).
   """
+  for name, value, least in (('TRAIN_STEPS', train_steps, 0), ('BATCH_SIZE', batch_size, 1),
+                             ('train.checkpoint_period', checkpoint_period, 1),
+                             ('train.log_period', log_period, 1)):
+    if isinstance(value, bool) or not isinstance(value, int) or value < least:
+      raise TrainingError(f'{name} must be a whole number >= {least}; got {value!r}.')
   model_dir = fileio.normalize_dir(model_dir)  # local or gs://
+  if epath.Path(model_dir).exists() and not epath.Path(model_dir).is_dir():
+    raise TrainingError(f'MODEL_DIR {model_dir} is a file, not a folder.')
   epath.Path(model_dir).mkdir(parents=True, exist_ok=True)
 
   # Task -> vocabulary -> the stages' models, each with the prompt module.
@@ -123,15 +130,19 @@ def train(
       ckpt_lib.PromptCheckpointer(model_dir, info, keep_checkpoints) as checkpointer:
     if jax.process_index() == 0:
       fileio.atomic_write_text(epath.Path(model_dir) / 'config.gin', gin.operative_config_str())
-    # Restore: the train state of the last complete checkpoint, in its stage.
-    start_step = checkpointer.latest_step() or 0
-    stage_i = plan.index_at(start_step)
+    # Restore: the train state of the newest good checkpoint, in its stage.
+    stage_i = plan.index_at(checkpointer.latest_step() or 0)
     setup = stage_setup(stage_i)
+    start_step, setup.state = checkpointer.restore_latest(setup.state)
     if start_step:
-      setup.state = checkpointer.restore(start_step, setup.state)
       log(f'resumed from {checkpointer.directory}/{start_step}')
-    # A run killed between the orbax and the numpy write left no numpy file.
-    if (start_step and not checkpointer.has_numpy(start_step)) or start_step == 0:
+      if plan.index_at(start_step) != stage_i:  # fell back past a stage boundary
+        stage_i = plan.index_at(start_step)
+        state, setup = setup.state, None
+        setup = stage_setup(stage_i, carry=state)
+    # A run killed between the orbax and the numpy write (or a damaged export)
+    # leaves no usable numpy prompt of the resumed step: it is written again.
+    if start_step == 0 or not checkpointer.has_numpy(start_step):
       checkpointer.save(start_step, setup.state, setup.model, setup.frozen)  # 0: the init
 
     evaluator = evaluation.StepEvaluator.create(
