@@ -37,6 +37,22 @@ def _move(request: Any, response: Any, storage: Any, *args: Any, **kwargs: Any) 
   response.json(moved)
 
 
+def _with_generation(handler: Any) -> Any:
+  """A GET handler that also sends the object's generation headers, as GCS
+  does: TensorStore reads them when it re-reads an object to retry a
+  conditional write (without them: 'Malformed StorageGeneration')."""
+  def wrapped(request: Any, response: Any, storage: Any, *args: Any, **kwargs: Any) -> None:
+    handler(request, response, storage, *args, **kwargs)
+    try:
+      obj = storage.get_file_obj(request.params['bucket_name'], request.params['object_id'])
+    except (NotFound, KeyError):
+      return
+    response['x-goog-generation'] = str(obj['generation'])
+    response['x-goog-metageneration'] = str(obj.get('metageneration', '1'))
+  wrapped.wraps = handler
+  return wrapped
+
+
 def _install_move() -> None:
   routes = tuple(
       (rf'^{prefix}/b/(?P<bucket_name>[-.\w]+)/o/(?P<object_id>.*[^/]+)/moveTo/o/'
@@ -44,6 +60,9 @@ def _install_move() -> None:
       for prefix in (settings.API_ENDPOINT, ''))
   if not any(r[0] == routes[0][0] for r in gcs_server.HANDLERS):
     gcs_server.HANDLERS = routes + tuple(gcs_server.HANDLERS)
+    for _, handlers in gcs_server.HANDLERS:
+      if handlers.get('GET') in (objects.download, objects.get):
+        handlers['GET'] = _with_generation(handlers['GET'])
 
 
 def free_port() -> int:
