@@ -206,3 +206,24 @@ def test_a_truncated_numpy_export_of_the_resumed_step_is_rewritten(ten_steps, tm
     f.truncate(40)
   _train_run(d, 10)  # nothing left to train: only the check
   np.testing.assert_array_equal(_numpy_prompt(d, 10), good)
+
+
+def test_malformed_prompt_files_are_named_before_anything_is_allocated(tmp_path):
+  """.npz archives, text files, truncated files and huge-shape headers get one
+  PromptFileError naming the file, the expected and the actual."""
+  from prompt_transfer.prompts.files import PromptFileError, load_prompt_file  # pylint: disable=g-import-not-at-top
+  np.savez(tmp_path / 'a.npz', x=np.ones((4, 8), np.float32))
+  (tmp_path / 'notes.txt').write_text('not a prompt')
+  np.save(tmp_path / 'good.npy', np.ones((4, 8), np.float32))
+  (tmp_path / 'cut.npy').write_bytes((tmp_path / 'good.npy').read_bytes()[:60])
+  header = np.lib.format.header_data_from_array_1_0(np.ones((2, 2), np.float32))
+  header['shape'] = (10 ** 12, 10 ** 6)  # 4 exabytes if numpy allocated it
+  with open(tmp_path / 'huge.npy', 'wb') as f:
+    np.lib.format.write_array_header_1_0(f, header)
+  cases = {'a.npz': 'is an .npz archive', 'notes.txt': "is not a numpy .npy file .*b'not a '",
+           'cut.npy': 'has a damaged .npy header',
+           'huge.npy': r'has shape \(1000000000000, 1000000\); the model expects \(4, 8\)'}
+  for name, message in cases.items():
+    with pytest.raises(PromptFileError, match=rf"'{tmp_path / name}' {message}"):
+      load_prompt_file(tmp_path / name, (4, 8))
+  assert load_prompt_file(tmp_path / 'good.npy', (4, 8)).shape == (4, 8)

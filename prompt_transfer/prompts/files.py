@@ -89,14 +89,37 @@ def load_prompt_file(path: fileio.PathLike, expected_shape: Optional[tuple] = No
   if p.is_dir():
     raise PromptFileError(f'Prompt file {path!r} is a folder; give the file inside it, e.g. '
                           f'{path.rstrip("/")}/{PROMPT_FILE}.')
-  try:
-    with p.open('rb') as f:
+  with p.open('rb') as f:
+    magic = f.read(6)
+    if magic.startswith(b'PK'):
+      raise PromptFileError(f'Prompt file {path!r} is an .npz archive (several arrays); '
+                            'expected one [length, d_model] array saved with np.save.')
+    if magic != b'\x93NUMPY':
+      raise PromptFileError(f'Prompt file {path!r} is not a numpy .npy file (it starts with '
+                            f'{magic!r}, not the .npy magic b"\\x93NUMPY").')
+    f.seek(0)
+    try:
+      # The header first: shape and dtype are checked before any allocation.
+      version = np.lib.format.read_magic(f)
+      read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                     else np.lib.format.read_array_header_2_0)
+      shape, _, dtype = read_header(f)
+    except Exception as e:  # a truncated or garbled header
+      raise PromptFileError(f'Prompt file {path!r} has a damaged .npy header: {e}') from e
+    expected_text = f' of shape {tuple(expected_shape)}' if expected_shape else ''
+    if len(shape) != 2:
+      raise PromptFileError(f'Prompt file {path!r} has shape {shape}; expected a 2-D '
+                            f'[length, d_model] array{expected_text}.')
+    if expected_shape is not None and tuple(shape) != tuple(expected_shape):
+      raise PromptFileError(f'Prompt file {path!r} has shape {tuple(shape)}; the model '
+                            f'expects {tuple(expected_shape)} ([PROMPT_LENGTH, d_model]).')
+    if dtype.hasobject or not np.issubdtype(dtype, np.floating):
+      raise PromptFileError(f'Prompt file {path!r} has dtype {dtype}; expected a float array.')
+    f.seek(0)
+    try:
       value = np.load(f, allow_pickle=False)
-  except Exception as e:  # numpy raises several types for a non-numpy file
-    raise PromptFileError(f'Prompt file {path!r} is not a numpy array file: {e}') from e
-  if not isinstance(value, np.ndarray):
-    raise PromptFileError(f'Prompt file {path!r} holds several arrays (an .npz archive); '
-                          'expected one [length, d_model] array saved with np.save.')
+    except Exception as e:  # numpy raises several types for a truncated file
+      raise PromptFileError(f'Prompt file {path!r} cannot be read: {e}') from e
   if not np.issubdtype(value.dtype, np.floating):
     raise PromptFileError(f'Prompt file {path!r} has dtype {value.dtype}; expected a float array.')
   if value.ndim != 2:
