@@ -351,9 +351,14 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
 
 
 def one_line(error: BaseException) -> str:
-  """The error's own message, without the call-site lines gin appends to it."""
+  """The error's own message on one line: gin's appended call-site lines
+  ("In call to configurable 'x' (<function x at 0x...>)") become a short
+  "(in gin's x)" naming the configurables below the entry point."""
   text = str(error)
-  return re.split(r"\n\s*In call to configurable '", text)[0].strip()
+  message = re.split(r"\n\s*In call to configurable '", text)[0].strip()
+  where = [n for n in re.findall(r"In call to configurable '([^']+)'", text)
+           if n not in ('train', 'evaluate', 'infer')]
+  return f"{message} (in gin's {', '.join(dict.fromkeys(where))})" if where else message
 
 
 if __name__ == '__main__':
