@@ -9,11 +9,13 @@ the packaged gin library (so `prompts/from_file.gin` works anywhere).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import logging
 import os
 import re
 import sys
+import tempfile
 from typing import Callable, List, Optional, Sequence
 
 # Before JAX or TensorFlow are imported: keep TensorFlow off accelerators (it
@@ -254,7 +256,54 @@ def _macro(name: str, default=None):
   return _binding(f'%{name}', default)
 
 
+# Start-up lines TensorFlow's C++ runtime writes straight to fd 2 while it is
+# imported, before absl logging exists (so TF_CPP_MIN_LOG_LEVEL cannot stop
+# them): informational, not a user's concern. Other lines are passed on.
+_STARTUP_NOISE = re.compile(
+    r'WARNING: All log messages before absl::InitializeLog\(\)|'
+    r'^[IW]\d{4} [\d:. ]+\d+ (port|cudart_stub|cpu_feature_guard)\.cc:\d+\]|'
+    r'cuda_platform\.cc:\d+\] failed call to cuInit')
+# seqio warnings about how our own pipelines are built (not the user's data).
+_SEQIO_NOISE = ('uncached FunctionDataset', 'sequence lengths longer than necessary')
+
+
+@contextlib.contextmanager
+def _quiet_native_startup():
+  """Holds back fd-2 start-up noise of native libraries imported inside;
+  PROMPT_TRANSFER_DEBUG=1 shows everything."""
+  if os.environ.get('PROMPT_TRANSFER_DEBUG'):
+    yield
+    return
+  sys.stderr.flush()
+  saved = os.dup(2)
+  with tempfile.TemporaryFile() as captured:
+    os.dup2(captured.fileno(), 2)
+    try:
+      yield
+    finally:
+      sys.stderr.flush()
+      os.dup2(saved, 2)
+      os.close(saved)
+      captured.seek(0)
+      kept = [l for l in captured.read().decode(errors='replace').splitlines(keepends=True)
+              if not _STARTUP_NOISE.search(l)]
+      if kept:
+        sys.stderr.write(''.join(kept))
+        sys.stderr.flush()
+
+
+class _SeqioNoiseFilter(logging.Filter):
+  def filter(self, record: logging.LogRecord) -> bool:
+    return not any(s in record.getMessage() for s in _SEQIO_NOISE)
+
+
 def import_modules(modules: Sequence[str]) -> None:
+  with _quiet_native_startup():
+    import tensorflow as tf  # pylint: disable=g-import-not-at-top
+    # TensorFlow only feeds data: keep it off accelerators (as T5X does), so
+    # it neither takes GPU memory from JAX nor probes CUDA later.
+    tf.config.set_visible_devices([], 'GPU')
+  logging.getLogger('absl').addFilter(_SeqioNoiseFilter())
   for name in ['tasks'] + list(modules):
     try:
       importlib.import_module(name)

@@ -213,3 +213,17 @@ def test_train_fills_the_compilation_cache(tmp_path):
       cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert any('train_step' in name for name in os.listdir(cache)), os.listdir(cache)
+
+
+def test_startup_noise_of_native_libraries_is_held_back():
+  """TensorFlow's C++ start-up lines (absl pre-init warning, oneDNN, CUDA stubs)
+  do not reach the terminal; PROMPT_TRANSFER_DEBUG=1 lets them through."""
+  err = t5x('list-tasks', '--filter', 'synthetic_majority_yesno').stderr
+  for noise in ('absl::InitializeLog', 'oneDNN custom operations', 'cudart_stub'):
+    assert noise not in err, err
+  env = dict(os.environ, PROMPT_TRANSFER_DEBUG='1')
+  proc = subprocess.run([sys.executable, '-m', 'prompt_transfer.cli', 'list-tasks', '--filter',
+                         'synthetic_majority_yesno'], cwd=ROOT, env=env, capture_output=True,
+                        text=True, timeout=300)
+  assert proc.returncode == 0 and 'synthetic_majority_yesno' in proc.stdout
+  assert 'absl::InitializeLog' in proc.stderr or 'oneDNN' in proc.stderr
