@@ -49,7 +49,6 @@ def _with_generation(handler: Any) -> Any:
       return
     response['x-goog-generation'] = str(obj['generation'])
     response['x-goog-metageneration'] = str(obj.get('metageneration', '1'))
-  wrapped.wraps = handler
   return wrapped
 
 

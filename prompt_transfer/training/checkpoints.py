@@ -137,8 +137,6 @@ class PromptCheckpointer:
         if not expected.exists():  # written before checksums existed: trusted
           return step, restored
         if expected.read_text().strip() == state_digest(host):
-          if skipped:
-            log_warning(f'resuming from step {step}; skipped ' + '; '.join(skipped))
           return step, restored
         why = 'its data does not match the checksum written with it (corrupted)'
       moved = self._move_aside(step)
@@ -174,7 +172,9 @@ class PromptCheckpointer:
                           'not saving. The last good checkpoint is kept.')
     if self.orbax.latest_step() != step:
       self.orbax.save(step, state)
-      host_state = jax.tree_util.tree_map(partitioning.to_host, state)
+      # The trainable subtree is on the host already; gather only the rest.
+      host_state = {k: host_trainable if k == 'trainable' else
+                    jax.tree_util.tree_map(partitioning.to_host, v) for k, v in state.items()}
       if jax.process_index() == 0:
         fileio.atomic_write_text(epath.Path(self.orbax.directory) / str(step) / CHECKSUM_FILE,
                                  state_digest(host_state) + '\n')

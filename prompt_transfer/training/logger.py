@@ -46,6 +46,8 @@ class MetricsWriter:
       self.lines = [l for l in self.path.read_text().splitlines()
                     if l.strip() and json.loads(l).get('step', 0) <= resume_step]
       self._flush()
+    # The step of each line, parsed once (write() replaces a redone step's line).
+    self.steps = [json.loads(l).get('step', 0) for l in self.lines]
     if not tensorboard:
       return
     try:
@@ -62,7 +64,10 @@ class MetricsWriter:
       return
     # One line per step: a step redone after a resume (e.g. the step-0 eval of
     # a run killed before its first checkpoint) replaces its earlier line.
-    self.lines = [l for l in self.lines if json.loads(l).get('step') != int(step)]
+    if int(step) in self.steps:
+      del self.lines[self.steps.index(int(step))]
+      self.steps.remove(int(step))
+    self.steps.append(int(step))
     self.lines.append(json.dumps({'step': int(step), **{k: float(v) for k, v in metrics.items()}}))
     self._flush()
     if self._tb is not None:

@@ -124,6 +124,12 @@ def train(
         f'over {jax.device_count()} devices, {jax.process_count()} process(es)')
     return setup
 
+  def next_stage(i: int, previous: TrainSetup) -> TrainSetup:
+    """Stage i's set-up carrying `previous`'s train state; the previous
+    stage's frozen weights are dropped before the next ones load."""
+    state, previous.state, previous.frozen = previous.state, None, None
+    return stage_setup(i, carry=state)
+
   info = ckpt_lib.prompt_info(model, mixture_or_task_name, vocab)
   # One writer per MODEL_DIR: process 0 holds its lock for the whole run.
   with RunLock(model_dir, enabled=jax.process_index() == 0), \
@@ -138,8 +144,7 @@ def train(
       log(f'resumed from {checkpointer.directory}/{start_step}')
       if plan.index_at(start_step) != stage_i:  # fell back past a stage boundary
         stage_i = plan.index_at(start_step)
-        state, setup = setup.state, None
-        setup = stage_setup(stage_i, carry=state)
+        setup = next_stage(stage_i, setup)
     # A run killed between the orbax and the numpy write (or a damaged export)
     # leaves no usable numpy prompt of the resumed step: it is written again.
     if start_step == 0 or not checkpointer.has_numpy(start_step):
@@ -160,9 +165,7 @@ def train(
       for step in range(start_step, train_steps):
         if plan.index_at(step) != stage_i:  # a stage boundary: new model, same state
           stage_i = plan.index_at(step)
-          state = setup.state
-          setup = None  # the previous stage's frozen weights go before the next load
-          setup = stage_setup(stage_i, carry=state)
+          setup = next_stage(stage_i, setup)
           p_train_step = None
         batch = partitioning.global_batch(next(batches), mesh)
         with partitioning.mesh_context(mesh):
