@@ -264,7 +264,9 @@ _STARTUP_NOISE = re.compile(
     r'^[IW]\d{4} [\d:. ]+\d+ (port|cudart_stub|cpu_feature_guard)\.cc:\d+\]|'
     r'cuda_platform\.cc:\d+\] failed call to cuInit')
 # seqio warnings about how our own pipelines are built (not the user's data).
-_SEQIO_NOISE = ('uncached FunctionDataset', 'sequence lengths longer than necessary')
+_SEQIO_NOISE = ('uncached FunctionDataset', 'sequence lengths are longer than necessary',
+                'sequence lengths longer than necessary',
+                "'logger_cls' is empty so seqio.Evaluator will not log")
 
 
 @contextlib.contextmanager
@@ -292,9 +294,18 @@ def _quiet_native_startup():
         sys.stderr.flush()
 
 
-class _SeqioNoiseFilter(logging.Filter):
+# orbax logs a failed write from each of its worker threads (with a traceback)
+# before raising it; the raised error becomes our one line naming the path
+# and what was kept.
+_ORBAX_WRITE_FAILURE = re.compile(r'raised an exception: .*(No space left on device|Permission '
+                                  r'denied|Read-only file system|Disk quota exceeded)')
+
+
+class _NoiseFilter(logging.Filter):
   def filter(self, record: logging.LogRecord) -> bool:
-    return not any(s in record.getMessage() for s in _SEQIO_NOISE)
+    message = record.getMessage()
+    return not (any(s in message for s in _SEQIO_NOISE) or
+                _ORBAX_WRITE_FAILURE.search(message))
 
 
 def import_modules(modules: Sequence[str]) -> None:
@@ -303,7 +314,8 @@ def import_modules(modules: Sequence[str]) -> None:
     # TensorFlow only feeds data: keep it off accelerators (as T5X does), so
     # it neither takes GPU memory from JAX nor probes CUDA later.
     tf.config.set_visible_devices([], 'GPU')
-  logging.getLogger('absl').addFilter(_SeqioNoiseFilter())
+  if not os.environ.get('PROMPT_TRANSFER_DEBUG'):
+    logging.getLogger('absl').addFilter(_NoiseFilter())
   for name in ['tasks'] + list(modules):
     try:
       importlib.import_module(name)
@@ -317,7 +329,11 @@ def _configure_tasks() -> None:
   if tfds_dir:
     tasks_lib.set_tfds_data_dir(tfds_dir)
   vocab = _macro('VOCABULARY_PATH')
-  if vocab and hasattr(tasks_lib, 'set_default_vocabulary'):
+  # models/*.gin name the public gs:// file; env T5_VOCAB (a local copy, for
+  # offline machines) replaces that default, an explicit other path wins.
+  if vocab == tasks_lib.core.DEFAULT_VOCAB_PATH and os.environ.get(tasks_lib.core.VOCAB_ENV):
+    vocab = os.environ[tasks_lib.core.VOCAB_ENV]
+  if vocab:
     tasks_lib.set_default_vocabulary(vocab)
 
 
@@ -382,8 +398,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     known = (PromptFileError, TrainingError, ConfigError, FileNotFoundError, DataError,
              StageError, IncompatiblePromptError, RunLockedError)
     try:
-      from prompt_transfer.model.checkpoint_import import CheckpointMismatchError  # pylint: disable=g-import-not-at-top
-      known += (CheckpointMismatchError,)
+      from prompt_transfer.model.checkpoint_import import CheckpointMismatchError, CheckpointReadError  # pylint: disable=g-import-not-at-top
+      known += (CheckpointMismatchError, CheckpointReadError)
     except ImportError:
       pass
     # OSError: a path that cannot be written or read (permissions, a file where

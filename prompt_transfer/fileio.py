@@ -53,11 +53,18 @@ def atomic_write_bytes(path: PathLike, data: bytes) -> None:
       path.unlink()
     tmp.rename(path)
     return
-  with open(tmp, 'wb') as f:
-    f.write(data)
-    f.flush()
-    os.fsync(f.fileno())  # the data is on disk before the name points at it
-  os.replace(tmp, path)
+  try:
+    with open(tmp, 'wb') as f:
+      f.write(data)
+      f.flush()
+      os.fsync(f.fileno())  # the data is on disk before the name points at it
+    os.replace(tmp, path)
+  except OSError as e:
+    # A full disk fails in write() with no file name: name the target, and
+    # leave no half-written temporary behind.
+    if os.path.exists(tmp):
+      os.remove(tmp)
+    raise OSError(e.errno, e.strerror, os.fspath(path)) from None
 
 
 def atomic_write_text(path: PathLike, text: str) -> None:

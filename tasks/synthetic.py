@@ -22,6 +22,9 @@ answer positive/negative, NLI tasks entailment/...). Each classification rule
 has one type of two templates with label words no other type uses:
 majority -> negative/positive (`posneg`, `mood`), parity -> odd/even
 (`evenodd`, `oddeven`), greater -> lower/higher (`higher`, `versus`).
+Majority has a second such pair, `count` and `tally` (less/more), unseen by
+the bundled tiny model's pretraining (its words too): the `make demo` pair,
+where a prompt trained on `count` answers `tally` before any training.
 
 Names: `synthetic_<rule>_<template>` use `seqio.ByteVocabulary()` (no
 SentencePiece file; the quick-start's tiny model); `..._t5` twins use the T5
@@ -105,6 +108,8 @@ RULES = {
         'truefalse': ('{s} has more a than b:', ('false', 'true')),
         'posneg': ('a vs b mood: {s}', ('negative', 'positive')),
         'mood': ('mood of {s} if a is good, b bad:', ('negative', 'positive')),
+        'count': ('count a against b in {s}:', ('less', 'more')),
+        'tally': ('{s} tally of a minus b:', ('less', 'more')),
     }, 'more a than b in the string'),
     'parity': Rule(_parity, {
         'yesno': ('even number of 1s? {s}', ('no', 'yes')),
@@ -152,8 +157,12 @@ TASK_TYPES: dict[str, list[str]] = {
     'greater': [task_name('greater', 'higher'), task_name('greater', 'versus')],
 }
 
-# The README demo: train a prompt on the source, transfer it to the target
-# (same rule, other phrasing and label words).
+# `make demo`: a prompt trained on the source starts the target (same rule and
+# answer words, other phrasing; neither seen by the tiny model's pretraining).
+DEMO_SOURCE = 'synthetic_majority_count'
+DEMO_TARGET = 'synthetic_majority_tally'
+# runs/quickstart.gin's task, and the pair the tiny model's pretraining left out
+# (tools/make_tiny_checkpoint.py).
 QUICKSTART_SOURCE = 'synthetic_majority_yesno'
 QUICKSTART_TARGET = 'synthetic_majority_truefalse'
 

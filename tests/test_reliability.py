@@ -1,5 +1,6 @@
 """Nothing lost, nothing silent: one run per MODEL_DIR, one metrics line per
 step, tables whose rows stay apart (issue 'nothing lost, nothing silent')."""
+import contextlib
 import json
 import os
 import signal
@@ -227,3 +228,143 @@ def test_malformed_prompt_files_are_named_before_anything_is_allocated(tmp_path)
     with pytest.raises(PromptFileError, match=rf"'{tmp_path / name}' {message}"):
       load_prompt_file(tmp_path / name, (4, 8))
   assert load_prompt_file(tmp_path / 'good.npy', (4, 8)).shape == (4, 8)
+
+
+# ---------------------------------------------------------------------------
+# Unreadable model files, label words cut by the targets length, full disks,
+# read-only folders, prompts of other weights of the same shape.
+# ---------------------------------------------------------------------------
+ASSET = os.path.join(ROOT, 'prompt_transfer', 'assets', 't5_1_1_tiny_synthetic')
+
+
+def test_unreadable_model_checkpoint_files_are_one_line(tmp_path, capsys):
+  import shutil  # pylint: disable=g-import-not-at-top
+  cut, bad_json = str(tmp_path / 'cut'), str(tmp_path / 'bad_json')
+  shutil.copytree(ASSET, cut)
+  shutil.copytree(ASSET, bad_json)
+  with open(os.path.join(cut, 'model.safetensors'), 'r+b') as f:
+    f.truncate(os.path.getsize(os.path.join(ASSET, 'model.safetensors')) // 2)
+  with open(os.path.join(bad_json, 'config.json'), 'w') as f:
+    f.write('{"d_model": 64,')
+  d = str(tmp_path / 'run')
+  code, err = _t5x_error(capsys, *QUICK, f'--gin.CHECKPOINT_PATH={cut}', f'--gin.MODEL_DIR={d}')
+  assert code == 1 and len(err.splitlines()) == 1, err
+  assert f'{cut}/model.safetensors (' in err and 'cannot be read as safetensors' in err
+  assert 'Is it truncated?' in err
+  code, err = _t5x_error(capsys, *QUICK, f'--gin.CHECKPOINT_PATH={bad_json}',
+                         f'--gin.MODEL_DIR={d}')
+  assert code == 1 and err.startswith(f't5x: error: {bad_json}/config.json is not valid JSON')
+
+
+def test_a_targets_length_that_cuts_label_words_is_refused(tmp_path, capsys):
+  """'negative' + EOS is 9 bytes: with 'targets': 8 the model would learn
+  'positiv' and score 0 with a falling loss. Refused before anything runs."""
+  d = str(tmp_path / 'run')
+  code, err = _t5x_error(capsys, *QUICK, '--gin.MIXTURE_OR_TASK_NAME=synthetic_majority_posneg',
+                         "--gin.TASK_FEATURE_LENGTHS={'inputs': 64, 'targets': 8}",
+                         f'--gin.MODEL_DIR={d}')
+  assert code == 1 and "TASK_FEATURE_LENGTHS['targets'] is 8 but task " in err, err
+  assert "needs 9 for its label word 'negative'" in err and "'targets': 9 or more" in err
+  assert not os.path.exists(d)
+
+
+def test_write_failure_messages_name_the_path():
+  from prompt_transfer.training.checkpoints import write_failure  # pylint: disable=g-import-not-at-top
+  orbax = ValueError('RESOURCE_EXHAUSTED: Failed writing: "/r/checkpoints/10.orbax-checkpoint-tmp'
+                     '/d/33c2": Failed to write 410 bytes to file 8: No space left on device '
+                     "[os_error_code='28']")
+  assert write_failure(orbax) == ('No space left on device while writing '
+                                  '/r/checkpoints/10.orbax-checkpoint-tmp/d/33c2')
+  assert write_failure(OSError(13, 'Permission denied', '/r/config.gin')) == (
+      'Permission denied while writing /r/config.gin')
+  assert write_failure(OSError(28, 'No space left on device'), '/r') == (
+      'No space left on device while writing under /r')
+  assert write_failure(ValueError('shape mismatch')) is None
+
+
+@contextlib.contextmanager
+def _tmpfs(path, size='3m'):
+  """A small tmpfs at path (root only: skipped elsewhere)."""
+  os.makedirs(path, exist_ok=True)
+  proc = subprocess.run(['mount', '-t', 'tmpfs', '-o', f'size={size}', 'tmpfs', str(path)],
+                        capture_output=True, text=True)
+  if proc.returncode:
+    pytest.skip(f'cannot mount a tmpfs here (needs root): {proc.stderr.strip()}')
+  try:
+    yield str(path)
+  finally:
+    subprocess.run(['umount', '-l', str(path)], capture_output=True)
+
+
+def _t5x_train(*argv):
+  return subprocess.run([sys.executable, '-m', 'prompt_transfer.cli', *QUICK, *argv],
+                        cwd=ROOT, capture_output=True, text=True, timeout=600)
+
+
+def test_a_full_disk_says_what_was_kept_and_the_rerun_resumes(tmp_path):
+  with _tmpfs(tmp_path / 'small') as small:
+    filler = os.path.join(small, 'filler')
+    free = os.statvfs(small).f_bavail * os.statvfs(small).f_frsize
+    with open(filler, 'wb') as f:
+      f.write(b'\0' * (free - 150 * 1024))  # room for a checkpoint or two
+    d = os.path.join(small, 'run')
+    argv = ['--gin.TRAIN_STEPS=30', '--gin.train.checkpoint_period=5',
+            '--gin.train.eval_period=None', '--gin.train.tensorboard=False', f'--gin.MODEL_DIR={d}']
+    proc = _t5x_train(*argv)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    err = proc.stderr.strip()
+    assert 'Traceback' not in err and len(err.splitlines()) == 1, err
+    assert err.startswith('t5x: error: No space left on device while writing ') and \
+        'Kept: ' in err and 'run the same command again' in err, err
+    kept = [int(w.strip('step-')) for w in err.split() if w.startswith('step-')]
+    if kept:  # the named checkpoint (and its numpy prompt, if said) are there
+      assert os.path.isdir(os.path.join(d, 'checkpoints', str(kept[0])))
+      numpy_dir = os.path.join(d, 'numpy_checkpoints', f'checkpoint_{kept[0]}')
+      if 'and its numpy prompt' in err:
+        assert os.path.isdir(numpy_dir)
+      else:  # the disk filled between the orbax and the numpy write
+        assert 'its numpy prompt is rewritten on resume' in err and not os.path.isdir(numpy_dir)
+    os.remove(filler)
+    proc = _t5x_train(*argv)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert os.path.isdir(os.path.join(d, 'numpy_checkpoints', 'checkpoint_30'))
+    steps = [json.loads(l)['step'] for l in open(os.path.join(d, 'metrics.jsonl'))]
+    assert steps == sorted(set(steps)) and steps[-1] == 30
+
+
+def test_a_read_only_model_dir_is_one_line_and_left_as_it_was(tmp_path, capsys):
+  with _tmpfs(tmp_path / 'ro') as ro:
+    os.makedirs(os.path.join(ro, 'run'))
+    subprocess.run(['mount', '-o', 'remount,ro', ro], check=True)
+    code, err = _t5x_error(capsys, *QUICK, f'--gin.MODEL_DIR={ro}/run')
+    assert code == 1 and err == (f't5x: error: MODEL_DIR {ro}/run cannot be written '
+                                 f'(Read-only file system: {ro}/run/.run.lock); nothing in it '
+                                 'was changed.'), err
+    code, err = _t5x_error(capsys, *QUICK, f'--gin.MODEL_DIR={ro}/new')
+    assert code == 1 and err == (f't5x: error: MODEL_DIR {ro}/new cannot be created '
+                                 f'(Read-only file system: {ro}/new).'), err
+    assert os.listdir(ro) == ['run'] and os.listdir(os.path.join(ro, 'run')) == []
+
+
+def test_a_prompt_of_other_weights_of_the_same_shape_gets_a_warning(ten_steps, capsys):
+  """The sidecar records the frozen embedding's fingerprint: evaluating on a
+  model of the same dimensions but other weights (model_seed 1) warns."""
+  import gin  # pylint: disable=g-import-not-at-top
+  from prompt_transfer import cli  # pylint: disable=g-import-not-at-top
+  info = json.load(open(os.path.join(ten_steps / 'ten', 'numpy_checkpoints', 'checkpoint_10',
+                                     'prompt_info.json')))
+  assert len(info['weights']) == 16
+  outs = {}
+  for seed in (0, 1):
+    gin.clear_config()
+    with pytest.raises(SystemExit) as e:
+      cli.main(['eval', '--gin_file=runs/eval.gin', '--gin_file=models/t5_1_1_tiny.gin',
+                '--gin.MIXTURE_OR_TASK_NAME=synthetic_majority_yesno',
+                "--gin.TASK_FEATURE_LENGTHS={'inputs': 48, 'targets': 4}",
+                '--gin.evaluate.num_examples=8', f'--gin.evaluate.model_seed={seed}',
+                f'--gin.MODEL_DIR={ten_steps / "ten"}'])
+    gin.clear_config()
+    assert e.value.code == 0
+    outs[seed] = capsys.readouterr().out
+  assert 'warning' not in outs[0]
+  assert 'was trained on other frozen weights, t5_1_1_tiny (weights ' + info['weights'] in outs[1]

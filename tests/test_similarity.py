@@ -241,6 +241,22 @@ def test_library_reads_runs_checkpoints_and_bare_files(tmp_path):
   assert list(library.load_library([os.path.join(ckpt, library.PROMPT_FILE)])) == ['task_b']
   with pytest.raises(FileNotFoundError):
     library.load_library(tmp_path / 'missing')
+  # A given folder holding no prompt is named, not silently dropped.
+  with pytest.raises(FileNotFoundError, match=r'logs holds no prompt'):
+    library.load_library([tmp_path / 'lib' / 'run_a', tmp_path / 'lib' / 'logs'])
+
+
+def test_other_weights_of_the_same_shape_are_named():
+  tiny = get_config('t5_1_1', 'tiny', vocab_size=384)
+  info = files.PromptInfo(model=tiny.describe(), weights='aaaa')
+  assert library.other_weights_warning(info, tiny, 'aaaa', 'p') is None
+  msg = library.other_weights_warning(info, tiny, 'bbbb', 'p')
+  assert 't5_1_1_tiny (weights aaaa)' in msg and 't5_1_1_tiny (weights bbbb)' in msg
+  # Sidecars written before fingerprints: the model names decide.
+  old = files.PromptInfo(model=tiny.describe())
+  assert library.other_weights_warning(old, tiny, 'bbbb', 'p') is None
+  assert 't5_1_1_tiny' in library.other_weights_warning(old, tiny.replace(name='flan_tiny'),
+                                                        'bbbb', 'p')
 
 
 def test_check_compatible_names_both_models(tmp_path):

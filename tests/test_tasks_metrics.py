@@ -220,7 +220,7 @@ def test_rank_classification_tf():
 
 
 def test_rank_classification_dataset_on_a_task():
-  name = tasks.synthetic.QUICKSTART_TARGET
+  name = tasks.synthetic.DEMO_TARGET
   seq = {'inputs': 48, 'targets': 8}
   ds = tasks.rank_classification_dataset(name, 'validation', seq)
   out = list(tfds.as_numpy(ds.take(4)))

@@ -82,6 +82,20 @@ def test_quickstart_pair():
   assert synthetic.LABEL_WORDS[src] != synthetic.LABEL_WORDS[tgt]
 
 
+def test_demo_pair_shares_rule_and_words_and_was_not_pretrained():
+  src, tgt = synthetic.DEMO_SOURCE, synthetic.DEMO_TARGET
+  assert src != tgt and synthetic.same_type(src, tgt)
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  spec = importlib.util.spec_from_file_location(
+      'make_tiny_checkpoint', pathlib.Path(__file__).parents[1] / 'tools' / 'make_tiny_checkpoint.py')
+  pretraining = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(pretraining)
+  words = set(synthetic.LABEL_WORDS[src])
+  for name in pretraining.PRETRAIN_POOL:
+    assert name not in (src, tgt)
+    assert not words & set(synthetic.LABEL_WORDS[name] or ())
+
+
 def test_deterministic_from_seed():
   name = synthetic.QUICKSTART_SOURCE
   first = synthetic.generate_examples(name, 'train')

@@ -1,24 +1,32 @@
-"""`t5x curves RUN_DIR...`: learning curves of runs side by side (table + PNG).
+"""`t5x curves RUN_DIR...`: learning curves of runs side by side (tables + PNG).
 
-Reads each run's metrics.jsonl; prints first/last loss and the last eval
-metrics, and draws loss (and eval metrics) against steps.
+Reads each run's metrics.jsonl. Prints first/last loss and the eval metrics
+at the start and the end of each run, then, for each eval metric, how the
+runs that report it compare: the score at step 0 (zero-shot: what a transferred
+prompt buys before any training), the mean over all evaluations (the area
+under the score-vs-step curve, divided by the number of evaluations), the best,
+and the first step at or above a threshold. The PNG draws training loss and
+every eval metric against steps.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
-from typing import Sequence
+from typing import Any, Optional, Sequence
 
 from prompt_transfer import fileio
 
-HELP = 'Compare runs: first/last loss, eval metrics, and learning curves as a PNG.'
+HELP = 'Compare runs: loss, eval scores against steps, zero-shot and steps to a threshold; PNG.'
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
   parser.add_argument('run_dirs', nargs='+', help='MODEL_DIRs holding metrics.jsonl.')
   parser.add_argument('--png', default=None, help='Write the learning curves here.')
   parser.add_argument('--json', default=None, help='Write the summary as JSON here.')
+  parser.add_argument('--threshold', type=float, default=None,
+                      help='Score for "first step at or above" (in the metric\'s units; '
+                           'default: 90%% of the best score any run reached).')
 
 
 def read_metrics(run_dir: str) -> list:
@@ -27,6 +35,16 @@ def read_metrics(run_dir: str) -> list:
     raise FileNotFoundError(f'{path} does not exist: is {run_dir!r} a MODEL_DIR of `t5x train`?')
   with open(path) as f:
     return [json.loads(line) for line in f if line.strip()]
+
+
+def eval_curves(records: Sequence[dict]) -> dict:
+  """{metric: [(step, value), ...]} of a run's eval lines, 'eval/' dropped."""
+  curves: dict = {}
+  for r in records:
+    for k, v in r.items():
+      if k.startswith('eval/'):
+        curves.setdefault(k[len('eval/'):], []).append((int(r['step']), float(v)))
+  return {k: sorted(v) for k, v in curves.items()}
 
 
 def summarize(run_dirs: Sequence[str]) -> list:
@@ -44,23 +62,82 @@ def summarize(run_dirs: Sequence[str]) -> list:
         'eval_at_start': {k: v for k, v in (evals[0] if evals and evals[0]['step'] == 0
                                              else {}).items() if k.startswith('eval/')},
         'wall_seconds': recs[-1].get('elapsed_seconds') if recs else None,
+        'curves': eval_curves(all_recs),
     })
   return rows
 
 
-def plot(run_dirs: Sequence[str], path: str) -> None:
+def compare(rows: Sequence[dict], threshold: Optional[float] = None) -> dict:
+  """Per eval metric, per run: score at step 0, mean over evaluations, best,
+  last, and the first step at or above the threshold (None: never)."""
+  out: dict = {}
+  metrics = sorted({m for r in rows for m in r['curves']})
+  for m in metrics:
+    runs = [(r['run'], r['curves'][m]) for r in rows if m in r['curves']]
+    best = max(v for _, c in runs for _, v in c)
+    level = threshold if threshold is not None else 0.9 * best
+    out[m] = {'threshold': level, 'runs': {}}
+    for name, curve in runs:
+      values = [v for _, v in curve]
+      out[m]['runs'][name] = {
+          'at_step_0': next((v for s, v in curve if s == 0), None),
+          'mean': sum(values) / len(values),
+          'best': max(values),
+          'last': values[-1],
+          'evaluations': len(values),
+          'first_step_at_threshold': next((s for s, v in curve if v >= level), None),
+      }
+  return out
+
+
+def _fmt(value: Any) -> str:
+  if value is None:
+    return '-'
+  return f'{value:.4g}' if isinstance(value, float) else str(value)
+
+
+def print_comparison(comparison: dict) -> None:
+  for metric, c in comparison.items():
+    runs = c['runs']
+    width = max(len(n) for n in runs)
+    print(f'\n{metric}: threshold {c["threshold"]:.4g}')
+    print(f'{"run":<{width}}  {"at step 0":>9}  {"mean":>7}  {"best":>7}  {"last":>7}  '
+          f'{"first step >= threshold":>23}')
+    for name, s in runs.items():
+      never = s['first_step_at_threshold'] is None
+      print(f'{name:<{width}}  {_fmt(s["at_step_0"]):>9}  {_fmt(s["mean"]):>7}  '
+            f'{_fmt(s["best"]):>7}  {_fmt(s["last"]):>7}  '
+            f'{"never" if never else s["first_step_at_threshold"]:>23}')
+
+
+def plot(rows: Sequence[dict], path: str) -> None:
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
-  fig, ax = plt.subplots(figsize=(7, 4))
-  for d in run_dirs:
-    recs = [r for r in read_metrics(d) if 'loss' in r]
-    ax.plot([r['step'] for r in recs], [r['loss'] for r in recs], label=os.path.basename(
-        os.path.normpath(d)))
-  ax.set_xlabel('step')
-  ax.set_ylabel('training loss (per target token)')
-  ax.grid(alpha=0.3)
-  ax.legend()
+  has_eval = any(r['curves'] for r in rows)
+  fig, axes = plt.subplots(1, 2 if has_eval else 1, figsize=(12 if has_eval else 7, 4),
+                           squeeze=False)
+  loss_ax = axes[0][0]
+  for r in rows:
+    label = os.path.basename(os.path.normpath(r['run']))
+    recs = [x for x in read_metrics(r['run']) if 'loss' in x]
+    loss_ax.plot([x['step'] for x in recs], [x['loss'] for x in recs], label=label)
+  loss_ax.set_xlabel('step')
+  loss_ax.set_ylabel('training loss (per target token)')
+  loss_ax.grid(alpha=0.3)
+  loss_ax.legend()
+  if has_eval:
+    ax = axes[0][1]
+    several = len({m for r in rows for m in r['curves']}) > 1
+    for r in rows:
+      label = os.path.basename(os.path.normpath(r['run']))
+      for m, curve in sorted(r['curves'].items()):
+        ax.plot([s for s, _ in curve], [v for _, v in curve], marker='.',
+                label=f'{label}: {m}' if several else label)
+    ax.set_xlabel('step')
+    ax.set_ylabel('eval score' if several else next(m for r in rows for m in r['curves']))
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
   fig.tight_layout()
   fileio.save_figure(fig, path, dpi=120)
   plt.close(fig)
@@ -77,9 +154,13 @@ def run(args: argparse.Namespace, gin_bindings: Sequence[str]) -> int:
     ev = ', '.join(f'{k[5:]} {v:.4g}' for k, v in sorted(r['eval'].items()))
     print(f'{r["run"]:<{width}}  {r["steps"]:>6}  {r["first_loss"]:>10.4f}  '
           f'{r["last_loss"]:>10.4f}  {start or "-"} -> {ev or "-"}')
+  comparison = compare(rows, args.threshold)
+  print_comparison(comparison)
   if args.json:
-    fileio.atomic_write_text(args.json, json.dumps(rows, indent=1))
+    fileio.atomic_write_text(args.json, json.dumps(
+        {'runs': [{k: v for k, v in r.items() if k != 'curves'} for r in rows],
+         'comparison': comparison}, indent=1))
   if args.png:
-    plot(args.run_dirs, args.png)
-    print(f'learning curves: {args.png}')
+    plot(rows, args.png)
+    print(f'\nlearning curves: {args.png}')
   return 0

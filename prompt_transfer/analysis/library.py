@@ -107,7 +107,12 @@ def find_prompt_files(paths_or_dir: Union[PathLike, Iterable[PathLike]],
   """{name: prompt file} for every prompt found (see the module docstring)."""
   out: dict = {}
   for entry in _as_list(paths_or_dir):
-    for path in _files_in(entry, step):
+    found = _files_in(entry, step)
+    if not found:  # a given folder with nothing in it is a mistake, not a no-op
+      raise FileNotFoundError(
+          f'{entry} holds no prompt (no numpy_checkpoints/, {PROMPT_FILE} or .npy file in it '
+          'or its sub-folders); leave it out of the inputs.')
+    for path in found:
       name = _default_name(path, files.load_prompt_info(path))
       if name in out:
         name = f'{name}@{epath.Path(_run_dir(path)).name}'
@@ -150,6 +155,30 @@ def _vocab_key(text: str) -> Any:
   if not m:
     return text.strip()
   return m.group(1), os.path.basename(m.group(2)), int(m.group(3))
+
+
+def other_weights_warning(info: PromptInfo, model_config: Any, weights: Optional[str],
+                          name: str) -> Optional[str]:
+  """A warning line when the prompt was trained on other frozen weights of
+  the same dimensions (e.g. LM-adapted vs Flan-T5 base), else None.
+
+  Such a prompt loads (check_compatible passes) but was not trained for this
+  model. Compared by the sidecar's weights fingerprint, or by model name for
+  sidecars written before fingerprints.
+  """
+  theirs = (info.model or {}).get('name', '')
+  if info.weights and weights:
+    if info.weights == weights:
+      return None
+    what = f'{theirs or "a model"} (weights {info.weights})', \
+        f'{model_config.name} (weights {weights})'
+  elif theirs and theirs != model_config.name:
+    what = theirs, model_config.name
+  else:
+    return None
+  return (f'prompt {name} was trained on other frozen weights, {what[0]}, than this '
+          f'model\'s, {what[1]}: same dimensions, so it loads, but it was not trained '
+          'for these weights.')
 
 
 def check_compatible(info: PromptInfo, model_config: Any, vocab: Any = None,

@@ -18,13 +18,14 @@ otherwise.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import os
 import re
 import shutil
 import time
-from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -94,6 +95,19 @@ def _listing(title: str, lines: Sequence[str]) -> List[str]:
   if len(lines) > _MAX_LISTED:
     out.append(f'    ... and {len(lines) - _MAX_LISTED} more')
   return out
+
+
+class CheckpointReadError(ValueError):
+  """A checkpoint file that cannot be parsed (invalid JSON, a truncated or
+  damaged safetensors file); the message names the file and what is wrong."""
+
+
+def _read_json(file_name: str) -> Any:
+  try:
+    with open(file_name) as f:
+      return json.load(f)
+  except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    raise CheckpointReadError(f'{file_name} is not valid JSON ({e}).') from None
 
 
 class CheckpointMismatchError(ValueError):
@@ -353,8 +367,9 @@ def config_from_params(params: Any, base: Optional[T5Config] = None) -> T5Config
 
 def _hf_config(path: str) -> T5Config:
   config_file = os.path.join(path, HF_CONFIG)
-  with open(config_file) as f:
-    hf = json.load(f)
+  hf = _read_json(config_file)
+  if not isinstance(hf, dict):
+    raise CheckpointReadError(f'{config_file} holds a {type(hf).__name__}, not a JSON object.')
 
   def get(key: str, default: Any = KeyError) -> Any:
     if key in hf:
@@ -435,8 +450,8 @@ def hf_name_map(config: T5Config) -> Dict[str, Tuple[str, bool]]:
 def _hf_weight_files(path: str) -> List[str]:
   index_file = os.path.join(path, HF_INDEX)
   if os.path.isfile(index_file):
-    with open(index_file) as f:
-      weight_map = json.load(f).get('weight_map')
+    index = _read_json(index_file)
+    weight_map = index.get('weight_map') if isinstance(index, dict) else None
     if not isinstance(weight_map, dict) or not weight_map:
       raise ValueError(f'{index_file}: no "weight_map" (tensor name -> shard file).')
     files = sorted(set(weight_map.values()))
@@ -451,6 +466,22 @@ def _hf_weight_files(path: str) -> List[str]:
       f'{path}: neither {HF_WEIGHTS} nor {HF_INDEX} found'
       + (f' (found {others}; convert them to safetensors, e.g. save_pretrained('
          'safe_serialization=True); torch weights are not read here)' if others else '.'))
+
+
+@contextlib.contextmanager
+def _open_safetensors(safe_open: Any, file_name: str) -> Iterator[Any]:
+  """safe_open whose parse errors (a truncated or damaged file: safetensors
+  raises its own SafetensorError, or OSError) name the file and its size."""
+  try:
+    with safe_open(file_name, framework='np') as f:
+      yield f
+  except Exception as e:  # pylint: disable=broad-except
+    if type(e).__name__ != 'SafetensorError' and not isinstance(e, OSError):
+      raise
+    size = os.path.getsize(file_name) if os.path.exists(file_name) else 0
+    raise CheckpointReadError(
+        f'{file_name} ({size:,} bytes) cannot be read as safetensors: {e}. '
+        'Is it truncated? Download or copy it again.') from None
 
 
 def read_hf_checkpoint(path: PathLike, dtype: Any = np.float32) -> Tuple[T5Config, Params]:
@@ -473,8 +504,7 @@ def read_hf_checkpoint(path: PathLike, dtype: Any = np.float32) -> Tuple[T5Confi
   if not os.path.isdir(path):
     raise FileNotFoundError(f'{path}: not a Hugging Face checkpoint directory.')
   config = _hf_config(path)
-  with open(os.path.join(path, HF_CONFIG)) as f:
-    hf_json = json.load(f)
+  hf_json = _read_json(os.path.join(path, HF_CONFIG))
   tied = bool(hf_json.get('tie_word_embeddings', True))
   # transformers >= 5 writes tie_word_embeddings=true for T5 1.1 too and says
   # with scale_decoder_outputs whether the head rescales by d_model**-0.5.
@@ -489,7 +519,7 @@ def read_hf_checkpoint(path: PathLike, dtype: Any = np.float32) -> Tuple[T5Confi
   unexpected: List[Tuple[str, Optional[Shape]]] = []
   seen: Dict[str, str] = {}
   for file_name in _hf_weight_files(path):
-    with safe_open(os.path.join(path, file_name), framework='np') as f:
+    with _open_safetensors(safe_open, os.path.join(path, file_name)) as f:
       for hf_name in f.keys():
         if hf_name in seen:
           raise ValueError(f'{path}: tensor {hf_name!r} is in both {seen[hf_name]} '

@@ -41,7 +41,9 @@ class PromptInfo:
 
   module: the prompt module's class (`Prompt`, `LowRankPrompt`, ...);
   param_shapes: its free parameters' shapes by dotted name; prompt_length:
-  rows of the materialised prompt.
+  rows of the materialised prompt. weights: `weights_fingerprint` of the
+  frozen model it was trained on (tells apart checkpoints of one shape, such
+  as LM-adapted and Flan-T5 base).
   """
   task: str = ''
   model: dict = dataclasses.field(default_factory=dict)
@@ -51,6 +53,7 @@ class PromptInfo:
   metrics: dict = dataclasses.field(default_factory=dict)
   module: str = ''
   param_shapes: dict = dataclasses.field(default_factory=dict)
+  weights: str = ''
 
   @classmethod
   def from_json(cls, text: str) -> 'PromptInfo':
@@ -131,6 +134,15 @@ def load_prompt_file(path: fileio.PathLike, expected_shape: Optional[tuple] = No
   if not np.all(np.isfinite(value)):
     raise PromptFileError(f'Prompt file {path!r} contains NaN or infinite values.')
   return value.astype(np.float32)
+
+
+def weights_fingerprint(embedding: Any) -> str:
+  """The first 16 hex digits of the SHA-256 of the frozen token embedding
+  (float32 bytes): every pretrained checkpoint has its own embedding, and it
+  is the one frozen table every stage of a run shares."""
+  import hashlib  # pylint: disable=g-import-not-at-top
+  table = np.ascontiguousarray(np.asarray(embedding, dtype=np.float32))
+  return hashlib.sha256(table.tobytes()).hexdigest()[:16]
 
 
 def load_prompt_info(prompt_file: fileio.PathLike) -> Optional[PromptInfo]:

@@ -87,4 +87,5 @@ def from_file(path: str) -> PromptInit:
   def init(rng: Array, shape: tuple, embedding: Optional[Array] = None) -> Array:
     del rng, embedding
     return jnp.asarray(load_prompt_file(path, tuple(shape)))
+  init.prompt_file = path  # the trainer compares its sidecar with the frozen model
   return init

@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import os
+import re
 import time
 from typing import Any, Mapping, Optional, Tuple
 
@@ -38,6 +39,28 @@ def log_warning(message: str) -> None:
 
 CHECKSUM_FILE = 'state.sha256'
 CORRUPT_DIR = 'corrupt_checkpoints'
+
+# A write that could not happen (disk full, no permission, read-only
+# filesystem): an OSError from our writes, a ValueError with this text from
+# orbax/TensorStore.
+_WRITE_FAILURE = re.compile(r'No space left on device|Disk quota exceeded|Permission denied|'
+                            r'Read-only file system')
+
+
+def write_failure(error: BaseException, where: Optional[str] = None) -> Optional[str]:
+  """'<reason> while writing <path>' when `error` is a failed write, else None;
+  `where` names the folder when the error does not say which file (orbax's
+  small metadata writes raise a bare OSError)."""
+  text = str(error)
+  reason = _WRITE_FAILURE.search(text)
+  if not (reason or isinstance(error, OSError)) or isinstance(error, TrainingError):
+    return None
+  path = getattr(error, 'filename', None) or next(iter(re.findall(
+      r'(?:Failed writing|Error writing|opening|writing)[^"]*"([^"]+)"', text)), None)
+  why = reason.group(0) if reason else (getattr(error, 'strerror', None) or text.splitlines()[0])
+  if path:
+    return f'{why} while writing {path}'
+  return f'{why} while writing under {where}' if where else why
 
 
 def state_digest(state: Any) -> str:
@@ -108,8 +131,29 @@ class PromptCheckpointer:
   def __enter__(self) -> 'PromptCheckpointer':
     return self
 
-  def __exit__(self, *exc: Any) -> None:
-    self.close()
+  def __exit__(self, exc_type: Any, exc: Optional[BaseException], tb: Any) -> None:
+    failed = write_failure(exc, self.model_dir) if exc is not None else None
+    try:
+      self.close()
+    except Exception:  # pylint: disable=broad-except
+      if exc is None:
+        raise  # otherwise the run's own error is the one to report
+    if failed:
+      # Say what is safe on disk, so nobody deletes a good MODEL_DIR.
+      raise TrainingError(f'{failed}. Kept: {self.kept()}. Make room (or fix the '
+                          'permissions) and run the same command again to resume from '
+                          'there.') from exc
+
+  def kept(self) -> str:
+    """What a rerun resumes from: the newest committed train-state checkpoint."""
+    self.orbax.manager.reload()
+    step = self.orbax.latest_step()
+    if step is None:
+      return f'no checkpoint yet in {self.model_dir} (a rerun starts from step 0)'
+    numpy_dir = files.numpy_checkpoint_dir(self.model_dir, step)
+    prompt = (f' and its numpy prompt {numpy_dir}' if self.has_numpy(step) else
+              ' (its numpy prompt is rewritten on resume)')
+    return f'the step-{step} checkpoint {self.orbax.directory}/{step}{prompt}'
 
   def close(self) -> None:
     self.orbax.close()
@@ -194,5 +238,9 @@ class PromptCheckpointer:
           {**embedding, 'encoder': {'prompt': host_trainable['encoder']['prompt']}})
       info.prompt_length = int(prompt.shape[0]) if isinstance(prompt, np.ndarray) else max(
           p.shape[0] for p in prompt)
+      if not self.info.weights:  # hashed once per run (the table is frozen)
+        self.info.weights = files.weights_fingerprint(
+            embedding['token_embedder']['embedding'])
+      info.weights = self.info.weights
       info.param_shapes = {k: list(v.shape) for k, v in flat.items()}
     files.save_numpy_checkpoint(self.model_dir, step, prompt, flat, info)

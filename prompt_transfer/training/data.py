@@ -35,6 +35,34 @@ def get_task(name: str) -> Any:
                      '--module_import=my.tasks.module.') from None
 
 
+def check_target_length(name: str, task_feature_lengths: Mapping[str, int]) -> None:
+  """Refuses a targets length that cuts a classification task's label words.
+
+  append_eos_after_trim would silently train the model to answer 'positiv'
+  for 'positive' and every decoded prediction would then be wrong (accuracy
+  0 with a falling loss), so this is checked before anything is built.
+  """
+  import seqio  # pylint: disable=g-import-not-at-top
+  import tasks as tasks_lib  # pylint: disable=g-import-not-at-top
+  length = task_feature_lengths.get('targets')
+  task = get_task(name)
+  leaves = task.tasks if isinstance(task, seqio.Mixture) else [task]
+  for leaf in leaves:
+    base = leaf.name.split(':')[0]  # register_with_task_ids' copies
+    try:
+      words = tasks_lib.get_label_words(base)
+    except ValueError:
+      continue  # not a classification task of the catalogue
+    feature = leaf.output_features['targets']
+    need = {w: len(feature.vocabulary.encode(w)) + int(feature.add_eos) for w in words}
+    word, longest = max(need.items(), key=lambda kv: kv[1])
+    if length is not None and longest > length:
+      raise DataError(
+          f"TASK_FEATURE_LENGTHS['targets'] is {length} but task {leaf.name!r} needs "
+          f'{longest} for its label word {word!r} (with EOS); the model would learn the '
+          f"cut word and no prediction would match. Give 'targets': {longest} or more.")
+
+
 def feature_converter(passthrough: Sequence[str] = ()) -> Any:
   """T5X's encoder-decoder features, unpacked (a prompt is prepended to each
   example, so examples cannot share a row); `passthrough` per-example features
@@ -56,12 +84,17 @@ def sequence_lengths(task_feature_lengths: Mapping[str, int],
 
 
 def get_dataset(task_name: str, task_feature_lengths: Mapping[str, int], split: str,
-                passthrough: Sequence[str] = (), **kwargs: Any) -> Any:
-  """seqio.get_dataset with our feature converter (no cache)."""
-  import seqio  # pylint: disable=g-import-not-at-top
-  return seqio.get_dataset(task_name, sequence_lengths(task_feature_lengths, passthrough),
-                           dataset_split=split, use_cached=False,
-                           feature_converter=feature_converter(passthrough), **kwargs)
+                passthrough: Sequence[str] = (), in_memory_cache: bool = True,
+                **kwargs: Any) -> Any:
+  """What seqio.get_dataset does (the task's dataset, then our feature
+  converter), with no offline cache; `in_memory_cache=False` also turns off
+  seqio's in-memory cache of small datasets (the endless training stream: a
+  run shorter than one epoch would drop the half-filled cache at exit, which
+  TensorFlow reports with a C++ warning on the user's terminal)."""
+  lengths = sequence_lengths(task_feature_lengths, passthrough)
+  ds = get_task(task_name).get_dataset(lengths, split=split, use_cached=False,
+                                       try_in_mem_cache=in_memory_cache, **kwargs)
+  return feature_converter(passthrough)(ds, task_feature_lengths=lengths)
 
 
 def model_batch(batch: Mapping[str, Any]) -> dict:
@@ -96,7 +129,8 @@ def train_dataset(task_name: str, task_feature_lengths: Mapping[str, int], batch
     raise DataError(f"host_data_sharding must be 'seqio' or 'slice', got {host_data_sharding!r}")
   seqio_shard = host_data_sharding == 'seqio'
   ds = get_dataset(
-      task_name, task_feature_lengths, split, passthrough, shuffle=True, num_epochs=None,
+      task_name, task_feature_lengths, split, passthrough, in_memory_cache=False,
+      shuffle=True, num_epochs=None,
       shard_info=seqio.ShardInfo(index=host if seqio_shard else 0,
                                  num_shards=n_hosts if seqio_shard else 1),
       seed=seed)
@@ -124,6 +158,7 @@ def build_evaluator(mixture_or_task_name: str, task_feature_lengths: Mapping[str
                     seed: int = 42, passthrough: Sequence[str] = ()) -> Any:
   """seqio's Evaluator over the task (or every task of a mixture)."""
   import seqio  # pylint: disable=g-import-not-at-top
+  check_target_length(mixture_or_task_name, task_feature_lengths)
   return seqio.Evaluator(
       mixture_or_task_name=mixture_or_task_name,
       feature_converter=feature_converter(passthrough),

@@ -190,6 +190,7 @@ def load_prompted_model(prompt_file: Optional[str], model_dir: Optional[str] = N
   if not prompt_file and model_dir:
     prompt_file = files.prompt_file(model_dir)
   prompt_module = None
+  info = None
   if prompt_file:
     array = files.load_prompt_file(prompt_file)
     info = files.load_prompt_info(prompt_file) or files.PromptInfo(prompt_length=array.shape[0])
@@ -197,6 +198,12 @@ def load_prompted_model(prompt_file: Optional[str], model_dir: Optional[str] = N
     prompt_module = free_prompt(array.shape[0], from_array(array))
   model = build_model(config, prompt_module, vocabulary=vocabulary)
   params = load_frozen_params(config, checkpoint_path, model_seed)
+  if info is not None:
+    warning = library.other_weights_warning(
+        info, config, files.weights_fingerprint(params['token_embedder']['embedding']),
+        os.fspath(prompt_file))
+    if warning and jax.process_index() == 0:
+      print(f'[prompt-transfer] warning: {warning}', flush=True)
   if prompt_module is not None:
     params = model.init_prompt(jax.random.PRNGKey(0), params)
   # On the device once, not re-sent with every batch.

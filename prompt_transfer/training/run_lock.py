@@ -47,7 +47,12 @@ class RunLock:
       fileio.atomic_write_text(self.path, json.dumps(self._holder()))
       return self
     import fcntl  # pylint: disable=g-import-not-at-top
-    fd = os.open(os.fspath(self.path), os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+      fd = os.open(os.fspath(self.path), os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as e:  # read-only MODEL_DIR: nothing was written yet
+      raise RunLockedError(
+          f'MODEL_DIR {os.path.dirname(os.fspath(self.path))} cannot be written '
+          f'({e.strerror}: {self.path}); nothing in it was changed.') from None
     try:
       fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:

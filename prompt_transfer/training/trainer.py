@@ -21,6 +21,7 @@ from prompt_transfer import fileio
 from prompt_transfer.model.config import T5Config
 from prompt_transfer.model.models import build_model
 from prompt_transfer.model.pretrained import load_frozen_params
+from prompt_transfer.prompts import files
 from prompt_transfer.prompts.slot import PromptModuleFactory
 from prompt_transfer.training import checkpoints as ckpt_lib
 from prompt_transfer.training import configurables
@@ -92,10 +93,15 @@ def train(
   model_dir = fileio.normalize_dir(model_dir)  # local or gs://
   if epath.Path(model_dir).exists() and not epath.Path(model_dir).is_dir():
     raise TrainingError(f'MODEL_DIR {model_dir} is a file, not a folder.')
-  epath.Path(model_dir).mkdir(parents=True, exist_ok=True)
 
   # Task -> vocabulary -> the stages' models, each with the prompt module.
   task = data.get_task(mixture_or_task_name)
+  data.check_target_length(mixture_or_task_name, task_feature_lengths)
+  try:
+    epath.Path(model_dir).mkdir(parents=True, exist_ok=True)
+  except OSError as e:
+    raise TrainingError(f'MODEL_DIR {model_dir} cannot be created ({e.strerror}: '
+                        f'{e.filename or model_dir}).') from None
   vocab = task.output_features['targets'].vocabulary
   config = config or configurables.model_config()
   if vocab.vocab_size > config.vocab_size:
@@ -145,6 +151,8 @@ def train(
       if plan.index_at(start_step) != stage_i:  # fell back past a stage boundary
         stage_i = plan.index_at(start_step)
         setup = next_stage(stage_i, setup)
+    if start_step == 0:
+      _warn_if_other_weights(prompt_module, setup, config)
     # A run killed between the orbax and the numpy write (or a damaged export)
     # leaves no usable numpy prompt of the resumed step: it is written again.
     if start_step == 0 or not checkpointer.has_numpy(start_step):
@@ -179,11 +187,12 @@ def train(
         logger.step_done()
         done = step + 1
         stage_end = done == plan.bounds[stage_i][1]
+        eval_now = evaluator and (done % eval_period == 0 or done == train_steps)
         # The first step is logged too: the loss before the prompt has moved.
         if done % log_period == 0 or done == train_steps or done % checkpoint_period == 0 or \
-            done == 1 or stage_end:
+            done == 1 or stage_end or eval_now:
           last = logger.record(done, metrics, checkpointer.latest_step())
-          if evaluator and (done % eval_period == 0 or done == train_steps):
+          if eval_now:
             last.update(evaluator(setup, done))
           logger.write(done, last)
         if done % checkpoint_period == 0 or done == train_steps or stage_end:
@@ -198,6 +207,23 @@ def perf_flops(setup: TrainSetup, use_dropout: bool, jitted: Callable, *args: An
   """Model FLOPs of one step (XLA's count of the lowered step, remat excluded)."""
   return perf.lowered_flops(step_lib.model_flops_step(setup, use_dropout, jitted),
                             setup.state, setup.frozen, *args)
+
+
+def _warn_if_other_weights(prompt_module: Optional[PromptModuleFactory],
+                           setup: TrainSetup, config: T5Config) -> None:
+  """A prompt started from a file (prompts/from_file.gin) whose sidecar names
+  other frozen weights of the same shape loads fine: say so once."""
+  from prompt_transfer.analysis import library  # pylint: disable=g-import-not-at-top
+  init = getattr(prompt_module, 'keywords', {}).get('init')
+  path = getattr(init, 'prompt_file', None)
+  info = files.load_prompt_info(path) if path else None
+  if info is None:
+    return
+  weights = files.weights_fingerprint(
+      partitioning.to_host(setup.frozen['token_embedder']['embedding']))
+  warning = library.other_weights_warning(info, config, weights, path)
+  if warning:
+    ckpt_lib.log_warning(warning)
 
 
 def _prompt_feature_names(prompt_module: Optional[PromptModuleFactory]) -> Tuple[str, ...]:
