@@ -119,7 +119,8 @@ def build_parser() -> argparse.ArgumentParser:
 # Commands implemented in their method's module (added as issues land).
 EXTRA_COMMANDS = {'curves': 'prompt_transfer.analysis.curves',
                   'similarity': 'prompt_transfer.analysis.transfer_cli',
-                  'transfer-matrix': 'prompt_transfer.analysis.transfer_cli'}
+                  'transfer-matrix': 'prompt_transfer.analysis.transfer_cli',
+                  'project': 'prompt_transfer.analysis.project_cli'}
 
 
 def gin_value(text: str) -> str:
@@ -395,8 +396,9 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     from prompt_transfer.training.state import TrainingError  # pylint: disable=g-import-not-at-top
     from prompt_transfer.analysis.library import IncompatiblePromptError  # pylint: disable=g-import-not-at-top
     from prompt_transfer.training.run_lock import RunLockedError  # pylint: disable=g-import-not-at-top
+    from prompt_transfer.projector import ProjectorError  # pylint: disable=g-import-not-at-top
     known = (PromptFileError, TrainingError, ConfigError, FileNotFoundError, DataError,
-             StageError, IncompatiblePromptError, RunLockedError)
+             StageError, IncompatiblePromptError, RunLockedError, ProjectorError)
     try:
       from prompt_transfer.model.checkpoint_import import CheckpointMismatchError, CheckpointReadError  # pylint: disable=g-import-not-at-top
       known += (CheckpointMismatchError, CheckpointReadError)

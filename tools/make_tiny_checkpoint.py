@@ -91,12 +91,15 @@ def _readme(args: argparse.Namespace, config, tasks: Sequence[str], metrics: Lis
   eval_lines = '\n'.join(f'| {k.split("/")[0]} | {k.split("/")[1]} | {v:.3f} |'
                          for k, v in sorted(evals.items()))
   cmd = ' '.join(['python', 'tools/make_tiny_checkpoint.py'] + sys.argv[1:])
-  return f"""# t5_1_1_tiny_synthetic
+  purpose = ('pretrained for the CPU quick-start (`gin/runs/quickstart.gin`)'
+             if config.name == 't5_1_1_tiny_synthetic' else
+             'pretrained as the second stand-in model (cross-model transfer, FPT)')
+  return f"""# {config.name}
 
-A tiny T5 1.1 (gated GELU, untied head, byte vocabulary of {config.vocab_size} ids:
+A small T5 1.1 (gated GELU, untied head, byte vocabulary of {config.vocab_size} ids:
 d_model {config.emb_dim}, {config.num_heads} heads x {config.head_dim}, d_ff {config.mlp_dim},
 {config.num_encoder_layers}+{config.num_decoder_layers} layers, {n_params:,} parameters,
-{size_bytes / 1024:.0f} KiB) pretrained for the CPU quick-start (`gin/runs/quickstart.gin`).
+{size_bytes / 1024:.0f} KiB) {purpose}.
 A Hugging Face T5 directory: `T5ForConditionalGeneration.from_pretrained(this_dir)` loads
 it, and so do `prompt_transfer.load_pretrained` and `CHECKPOINT_PATH`.
 

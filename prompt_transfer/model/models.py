@@ -50,12 +50,16 @@ class EncoderDecoderModel:
   """A Flax T5 `module` plus the functions T5X's models provide."""
 
   def __init__(self, config: T5Config, module: Transformer, vocabulary: Any = None,
-               z_loss: float = 1e-4, label_smoothing: float = 0.0):
+               z_loss: float = 1e-4, label_smoothing: float = 0.0,
+               task_loss_weight: float = 1.0):
     self.config = config
     self.module = module
     self.vocabulary = vocabulary
     self.z_loss = z_loss
     self.label_smoothing = label_smoothing
+    # 0: train on the prompt module's auxiliary losses alone (a projector's
+    # distance minimisation); the task loss is still logged.
+    self.task_loss_weight = task_loss_weight
     # Compiled once per batch shape; callers may still wrap them in their own jit.
     self._predict_jit = jax.jit(self._predict, static_argnames=('num_decodes',))
     self._score_jit = jax.jit(self._score)
@@ -65,7 +69,8 @@ class EncoderDecoderModel:
     config.replace(**changes); e.g. remat=False to count model FLOPs."""
     config = self.config.replace(**changes)
     return EncoderDecoderModel(config, self.module.clone(config=config), self.vocabulary,
-                               z_loss=self.z_loss, label_smoothing=self.label_smoothing)
+                               z_loss=self.z_loss, label_smoothing=self.label_smoothing,
+                               task_loss_weight=self.task_loss_weight)
 
   @property
   def prompt_module(self) -> Optional[PromptModuleFactory]:
@@ -164,7 +169,7 @@ class EncoderDecoderModel:
     weights = weights.astype(jnp.float32)
     ce, z = cross_entropy_with_z_loss(logits, targets, self.z_loss, self.label_smoothing)
     denom = jnp.maximum(jnp.sum(weights), 1.0)
-    loss = jnp.sum((ce + z) * weights) / denom
+    loss = self.task_loss_weight * jnp.sum((ce + z) * weights) / denom
     accuracy = jnp.sum((jnp.argmax(logits, -1) == targets) * weights) / denom
     metrics = {'cross_entropy': jnp.sum(ce * weights) / denom,
                'z_loss': jnp.sum(z * weights) / denom, 'token_accuracy': accuracy,

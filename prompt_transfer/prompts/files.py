@@ -54,6 +54,7 @@ class PromptInfo:
   module: str = ''
   param_shapes: dict = dataclasses.field(default_factory=dict)
   weights: str = ''
+  origin: str = ''  # a projected or recycled prompt: from which file, by what
 
   @classmethod
   def from_json(cls, text: str) -> 'PromptInfo':
@@ -209,14 +210,29 @@ def _write_arrays(folder: epath.Path, arrays: Mapping[str, np.ndarray],
     (folder / INFO_FILE).write_text(info.to_json())
 
 
+def save_prompt_folder(folder: fileio.PathLike, prompt: np.ndarray, info: PromptInfo) -> str:
+  """One prompt outside a run (a projected or recycled one): FOLDER/
+  encoder.prompt.prompt.prompt + prompt_info.json, written whole or not at all."""
+  final = epath.Path(folder)
+  final.parent.mkdir(parents=True, exist_ok=True)
+  tmp = fileio.tmp_name(final)
+  _write_arrays(tmp, {PROMPT_FILE: np.asarray(prompt, np.float32)}, info)
+  if final.exists():
+    final.rmtree()
+  tmp.rename(final)
+  return os.fspath(final)
+
+
 def save_numpy_checkpoint(model_dir: fileio.PathLike, step: int, prompt: Any,
                           params: Mapping[str, np.ndarray],
-                          info: Optional[PromptInfo] = None) -> str:
+                          info: Optional[PromptInfo] = None,
+                          extra_files: Optional[Mapping[str, str]] = None) -> str:
   """Writes a step's prompt(s), the module's free parameters and the sidecar.
 
   prompt: the materialised prompt, one [l, e] array (shared), a list of them
   (a per-example module's prompts: one `prompt_K/` sub-folder each), or None
-  (no prompt module: model tuning). params: the trainable parameters by
+  (no prompt module: model tuning). extra_files: {name: text} a prompt module
+  adds (a projector's projector.json). params: the trainable parameters by
   dotted full path (`encoder.prompt.prompt.u`); a free prompt's own array has
   the prompt file's name and is written once. Only process 0 should call it.
   The folder appears whole or not at all. Returns the final folder.
@@ -228,6 +244,8 @@ def save_numpy_checkpoint(model_dir: fileio.PathLike, step: int, prompt: Any,
   if isinstance(prompt, np.ndarray):
     arrays[PROMPT_FILE] = np.asarray(prompt, np.float32)
   _write_arrays(tmp, arrays, info)
+  for name, text in (extra_files or {}).items():
+    fileio.atomic_write_text(tmp / name, text)
   if isinstance(prompt, (list, tuple)):
     for k, row in enumerate(prompt):
       sub = None

@@ -243,4 +243,6 @@ class PromptCheckpointer:
             embedding['token_embedder']['embedding'])
       info.weights = self.info.weights
       info.param_shapes = {k: list(v.shape) for k, v in flat.items()}
-    files.save_numpy_checkpoint(self.model_dir, step, prompt, flat, info)
+    module = model.prompt_module() if model.prompt_module is not None else None
+    extra = module.extra_files(info) if hasattr(module, 'extra_files') else None
+    files.save_numpy_checkpoint(self.model_dir, step, prompt, flat, info, extra)

@@ -14,6 +14,7 @@ from typing import Any, Optional, Tuple
 import gin
 import optax
 
+from prompt_transfer import projector
 from prompt_transfer.model.config import T5Config, get_config
 from prompt_transfer.prompts import initializers
 from prompt_transfer.prompts.bank import PromptBank
@@ -95,5 +96,7 @@ for _fn in (initializers.random_uniform, initializers.from_sampled_vocab, initia
             initializers.from_array):
   gin.external_configurable(_fn, module='prompts')
 
+gin.external_configurable(projector.projected_prompt)
+gin.external_configurable(projector.from_projector, module='prompts')
 gin.external_configurable(stages.Stage, module='stages')
 gin.external_configurable(stages.keep_layers, module='stages')

@@ -69,6 +69,7 @@ def train(
     host_data_sharding: str = 'seqio',
     rng_impl: str = 'threefry',
     tensorboard: bool = True,
+    task_loss_weight: float = 1.0,
 ) -> dict:
   """Trains the prompt module (or any parameters matching `trainable_params`).
 
@@ -83,7 +84,9 @@ def train(
 
   rng_impl: the dropout key's PRNG (see step.dropout_key). tensorboard: also
   write TensorBoard events to MODEL_DIR/train (through TensorFlow's own
-  filesystems; metrics.jsonl is always written).
+  filesystems; metrics.jsonl is always written). task_loss_weight: the task
+  loss's weight beside the prompt module's sown losses (0: a projector's
+  distance minimisation).
   """
   for name, value, least in (('TRAIN_STEPS', train_steps, 0), ('BATCH_SIZE', batch_size, 1),
                              ('train.checkpoint_period', checkpoint_period, 1),
@@ -110,7 +113,8 @@ def train(
   prompt_module = configurables.bind_task(prompt_module, task)
   passthrough = _prompt_feature_names(prompt_module)
   plan = stages_lib.plan(stages, train_steps)
-  model = build_model(config, prompt_module, vocabulary=vocab)  # the full model
+  model = build_model(config, prompt_module, vocabulary=vocab,  # the full model
+                      task_loss_weight=task_loss_weight)
 
   tx = optimizer or prompt_tuning_optimizer(learning_rate)
   lr_fn = learning_rate if callable(learning_rate) else (lambda step: learning_rate)
