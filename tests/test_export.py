@@ -180,3 +180,29 @@ def test_packaged_tiny_checkpoint():
   enc, dec, tgt = _batch(model.config.vocab_size)
   logits = np.asarray(model.module.apply({'params': params}, enc, dec, tgt))
   assert np.all(np.isfinite(logits))
+
+
+def test_packaged_mini_checkpoint_is_the_gin_files_model_and_loads_in_transformers():
+  """The second stand-in: under 10 MB, the dims models/t5_1_1_mini_synthetic.gin
+  names, and Hugging Face computes the same logits from it."""
+  from prompt_transfer.model import pretrained
+  path = pretrained.resolve_checkpoint_path('pkg://assets/t5_1_1_mini_synthetic')
+  if not os.path.isdir(path):
+    pytest.skip(f'{path} not built (tools/make_tiny_checkpoint.py --gin_file=...mini...)')
+  assert os.path.getsize(os.path.join(path, 'model.safetensors')) <= 10 * 1024 * 1024
+  gin_text = open(os.path.join(os.path.dirname(pretrained.PACKAGE_DIR), 'gin', 'models',
+                               't5_1_1_mini_synthetic.gin')).read()
+  model, params = load_pretrained(path)
+  for field in ('emb_dim', 'num_heads', 'head_dim', 'mlp_dim', 'num_encoder_layers',
+                'num_decoder_layers', 'vocab_size'):
+    assert f'model_config.{field} = {getattr(model.config, field)}\n' in gin_text, field
+  torch = pytest.importorskip('torch')
+  transformers = pytest.importorskip('transformers')
+  hf = transformers.T5ForConditionalGeneration.from_pretrained(path).eval()
+  enc, dec, tgt = _batch(model.config.vocab_size, seed=2)
+  ours = np.asarray(model.module.apply({'params': params}, enc, dec, tgt))
+  with torch.no_grad():
+    theirs = hf(input_ids=torch.tensor(enc, dtype=torch.long),
+                attention_mask=torch.tensor(enc > 0, dtype=torch.long),
+                decoder_input_ids=torch.tensor(dec, dtype=torch.long)).logits.numpy()
+  np.testing.assert_allclose(ours, theirs, rtol=1e-4, atol=1e-4 * np.abs(theirs).max())

@@ -148,6 +148,13 @@ def test_task_tuning_trains_only_the_projector_and_is_reused(source_prompts, tmp
   projected_info = files.load_prompt_info(os.path.join(out, name, PROMPT))
   assert projected_info.model['name'] == 't5_1_1_tiny_synthetic'
   assert projected_info.weights == sidecar.weights and 'by projector' in projected_info.origin
+  # `t5x similarity --projector` compares prompts of the two models in the target's space.
+  sim = str(tmp_path / 'sim.json')
+  proc = t5x('similarity', source_prompts['source'], source_prompts['target'], '--projector', run,
+             '--json', sim)
+  assert 'projected 1 prompt(s) of t5_1_1_tiny to t5_1_1_tiny_synthetic' in proc.stderr
+  shapes = [p['shape'] for p in json.load(open(sim))['prompts'].values()]
+  assert shapes == [[4, 64], [4, 64]]
   # prompts/from_projector.gin starts a target run from it.
   target = str(tmp_path / 'target')
   t5x('train', *PROJECTOR_RUN, '--gin_file=prompts/from_projector.gin', f'--gin.MODEL_DIR={target}',

@@ -88,9 +88,17 @@ def _readme(args: argparse.Namespace, config, tasks: Sequence[str], metrics: Lis
   cpu = platform.processor() or platform.machine()
   tail = [m['loss'] for m in metrics[-5:]]  # one batch's loss is noisy
   evals = {k[len('eval/'):]: v for k, v in last.items() if k.startswith('eval/')}
-  eval_lines = '\n'.join(f'| {k.split("/")[0]} | {k.split("/")[1]} | {v:.3f} |'
-                         for k, v in sorted(evals.items()))
-  cmd = ' '.join(['python', 'tools/make_tiny_checkpoint.py'] + sys.argv[1:])
+  # Beside the packaged tiny model's scores, when this is another model.
+  tiny = {} if config.name == 't5_1_1_tiny_synthetic' else _card_scores(
+      os.path.join(os.path.dirname(DEFAULT_OUT), 't5_1_1_tiny_synthetic', 'README.md'))
+  eval_lines = '\n'.join(
+      f'| {k.split("/")[0]} | {k.split("/")[1]} | {v:.3f} |' +
+      (f' {tiny[k]:.3f} |' if tiny else '') for k, v in sorted(evals.items()))
+  argv = sys.argv[1:]
+  if '--card_only' in argv:  # the command that made the model, not the card
+    i = argv.index('--card_only')
+    argv = argv[:i] + argv[i + 2:]
+  cmd = ' '.join(['python', 'tools/make_tiny_checkpoint.py'] + argv)
   purpose = ('pretrained for the CPU quick-start (`gin/runs/quickstart.gin`)'
              if config.name == 't5_1_1_tiny_synthetic' else
              'pretrained as the second stand-in model (cross-model transfer, FPT)')
@@ -119,12 +127,24 @@ on {os.cpu_count()} CPU cores ({cpu}), jax {jax.__version__}.
 
 Validation ({args.eval_examples} examples per task, greedy decoding, step {last['step']}):
 
-| task | metric | value |
-|---|---|---|
+| task | metric | value |{' t5_1_1_tiny_synthetic |' if tiny else ''}
+|---|---|---|{'---|' if tiny else ''}
 {eval_lines}
 
 Regenerate with the command above; it overwrites this directory atomically.
 """
+
+
+def _card_scores(path: str) -> Dict[str, float]:
+  """{'task/metric': value} from a model card's validation table."""
+  if not os.path.exists(path):
+    return {}
+  out = {}
+  for line in open(path):
+    cells = [c.strip() for c in line.strip().strip('|').split('|')]
+    if len(cells) >= 3 and cells[0].startswith('synthetic_'):
+      out[f'{cells[0]}/{cells[1]}'] = float(cells[2])
+  return out
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -140,6 +160,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   parser.add_argument('--model_dir', default=None,
                       help='Training directory (default: a temporary one, deleted).')
   parser.add_argument('--out', default=DEFAULT_OUT)
+  parser.add_argument('--card_only', type=float, default=None, metavar='MINUTES',
+                      help='Rewrite --out/README.md from --model_dir (already trained and '
+                           'exported; MINUTES: how long it took) without training.')
   args, gin_overrides = parser.parse_known_args(argv)
 
   from tasks import synthetic  # pylint: disable=g-import-not-at-top
@@ -163,12 +186,22 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
       f'--gin.train.log_period={LOG_PERIOD}',
       '--gin.train.keep_checkpoints=1',
   ] + list(gin_overrides)
-  print('[make_tiny_checkpoint] t5x ' + ' '.join(train_argv), flush=True)
-  t0 = time.time()
-  code = cli.run(train_argv)
-  seconds = time.time() - t0
-  if code:
-    return code
+  if args.card_only is not None:
+    if not args.model_dir:
+      parser.error('--card_only needs the --model_dir of the run.')
+    # The run's gin configuration, to describe its model.
+    cli.parse_gin(cli.build_parser().parse_args(train_argv[:3]), [
+        f'{name} = {cli.gin_value(value)}' for name, value in (
+            a[len('--gin.'):].split('=', 1) for a in train_argv[3:] if a.startswith('--gin.'))],
+                  'train')
+    seconds = args.card_only * 60
+  else:
+    print('[make_tiny_checkpoint] t5x ' + ' '.join(train_argv), flush=True)
+    t0 = time.time()
+    code = cli.run(train_argv)
+    seconds = time.time() - t0
+    if code:
+      return code
 
   import jax  # pylint: disable=g-import-not-at-top
   from prompt_transfer.model import export  # pylint: disable=g-import-not-at-top
@@ -176,7 +209,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   config = configurables.model_config()  # as gin configured it for the run
   params = read_numpy_params(model_dir, steps)
   metrics = read_metrics(model_dir)
-  out = export.export_hf_checkpoint(params, config, args.out, overwrite=True)
+  out = args.out if args.card_only is not None else export.export_hf_checkpoint(
+      params, config, args.out, overwrite=True)
   n_params = sum(int(np.size(x)) for x in jax.tree_util.tree_leaves(params))
   size = os.path.getsize(os.path.join(out, 'model.safetensors'))
   readme = _readme(args, config, tasks, metrics, seconds, n_params, size)

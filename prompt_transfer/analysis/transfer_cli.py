@@ -13,7 +13,8 @@ zero-shot transfer between the prompts of a library.
 Prompts: run folders, numpy checkpoint folders, prompt files or folders of
 them (see library.py). The model is described by gin files as in `t5x eval`
 (models/*.gin, --gin.CHECKPOINT_PATH=...); a prompt whose sidecar names a
-model of other dimensions or vocabulary is refused unless --projector.
+model of other dimensions or vocabulary is refused; --projector DIR maps
+the prompts of its source model to its target model first.
 """
 from __future__ import annotations
 
@@ -66,8 +67,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
   parser.add_argument('--normalize', choices=sim_lib.NORMALIZATIONS, default='none',
                       help='Rescale prompts before embedding metrics: scale = divide by the '
                            'mean token norm, token = unit-norm tokens.')
-  parser.add_argument('--projector', action='store_true',
-                      help='Do not refuse prompts of other models (a projector maps them).')
+  parser.add_argument('--projector', default=None, metavar='DIR',
+                      help='A trained projector (gin/projectors/*.gin): prompts of its source '
+                           'model are projected to its target model first, so prompts of two '
+                           'models are compared in one space.')
   parser.add_argument('--neurons', action='store_true',
                       help='Add activated-neuron overlap (needs the model: --gin_file=models/...).')
   parser.add_argument('--probe', choices=('prompt', 'examples'), default='prompt',
@@ -162,11 +165,42 @@ def neuron_matrices(prompts: Mapping[str, np.ndarray], model: Any, params: Any,
 # ---------------------------------------------------------------------------
 def _load(args: argparse.Namespace) -> dict:
   lib = library.load_library(args.prompts, args.step)
+  if args.projector:
+    lib = _project_sources(lib, args.projector)
   widths = {a.shape[1] for a, _ in lib.values()}
   if len(widths) > 1:
     print(f'[prompt-transfer] note: prompts of widths {sorted(widths)}; only equal widths are '
           'compared (other pairs are left empty).', file=sys.stderr)
   return lib
+
+
+def _project_sources(lib: Mapping[str, tuple], path: str) -> dict:
+  """The library with the projector's source-model prompts mapped to its
+  target model (sidecar weights or model name decide; a bare file by width)."""
+  import dataclasses  # pylint: disable=g-import-not-at-top
+  from prompt_transfer import projector as proj  # pylint: disable=g-import-not-at-top
+  info, params = proj.load_projector(path)
+  src_name = info.source_model.get('name')
+
+  def from_source(array: np.ndarray, p: Any) -> bool:
+    if p.weights and info.source_weights:
+      return p.weights == info.source_weights
+    if p.model:
+      return p.model.get('name') == src_name and array.shape[1] == info.source_dim
+    return array.shape[1] == info.source_dim != info.target_dim
+
+  out, mapped = {}, []
+  for name, (array, p) in lib.items():
+    if from_source(array, p):
+      array = proj.project(array, info, params)
+      p = dataclasses.replace(p, model=dict(info.target_model), weights=info.target_weights,
+                              origin=f'projected by {path}')
+      mapped.append(name)
+    out[name] = (array, p)
+  print(f'[prompt-transfer] projected {len(mapped)} prompt(s) of {src_name or "the source model"}'
+        f' to {info.target_model.get("name", "the target model")}: {", ".join(mapped) or "none"}',
+        file=sys.stderr)
+  return out
 
 
 def _grouped_matrix(arrays: Mapping[str, np.ndarray], metric: str, normalize: str) -> np.ndarray:
@@ -217,7 +251,7 @@ def run_similarity(args: argparse.Namespace, gin_bindings: Sequence[str]) -> int
       from prompt_transfer.training import data  # pylint: disable=g-import-not-at-top
       vocab = data.get_task(args.probe_task).output_features['targets'].vocabulary
       batch = task_batch(args.probe_task, _feature_lengths(), args.probe_examples)
-    _check_all(lib, model.config, vocab, args.projector, params)
+    _check_all(lib, model.config, vocab, False, params)
     matrices[NEURON_METRIC], windows = neuron_matrices(
         {n: a for n, (a, _) in lib.items()}, model, params, args.probe, batch, args.stack)
 
@@ -501,7 +535,7 @@ def run_transfer_matrix(args: argparse.Namespace, gin_bindings: Sequence[str]) -
   model, params = load_frozen_model(args.model_seed)
   for i, t in enumerate(task_names):  # fails early on an unknown task or an incompatible prompt
     vocab = data.get_task(t).output_features['targets'].vocabulary
-    _check_all(lib, model.config, vocab, args.projector, params if i == 0 else None)
+    _check_all(lib, model.config, vocab, False, params if i == 0 else None)
   prompts = {n: a for n, (a, _) in lib.items()}
   tm = compute_transfer_matrix(prompts, task_names, model.config, params, _feature_lengths(),
                                args.split, args.num_examples, args.batch_size,
