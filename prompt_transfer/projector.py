@@ -119,8 +119,8 @@ class ProjectedPrompt(nn.Module):
     return jnp.take(y, ids, axis=0)  # [b, L, d_T]
 
 
-def _read_prompts(paths: Sequence[str], what: str) -> Tuple[np.ndarray, list]:
-  """[K, L, d] from K prompt files (one length and width), and their sidecars."""
+def _read_prompts(paths: Sequence[str], what: str) -> np.ndarray:
+  """[K, L, d] from K prompt files (one length and width)."""
   if not paths:
     raise ProjectorError(f'{what}: no prompt file given.')
   arrays = [files.load_prompt_file(p) for p in paths]
@@ -128,7 +128,7 @@ def _read_prompts(paths: Sequence[str], what: str) -> Tuple[np.ndarray, list]:
   if len(shapes) != 1:
     raise ProjectorError(f'{what} must share one shape; got ' + ', '.join(
         f'{p}: {a.shape}' for p, a in zip(paths, arrays)))
-  return np.stack(arrays), [files.load_prompt_info(p) for p in paths]
+  return np.stack(arrays)
 
 
 def projected_prompt(source_prompt_files: Sequence[str], hidden: int = 768,
@@ -140,12 +140,12 @@ def projected_prompt(source_prompt_files: Sequence[str], hidden: int = 768,
   in the same order)."""
   if isinstance(source_prompt_files, str):
     source_prompt_files = [source_prompt_files]
-  sources, _ = _read_prompts(list(source_prompt_files), 'SOURCE_PROMPT_FILES')
+  sources = _read_prompts(list(source_prompt_files), 'SOURCE_PROMPT_FILES')
   targets = None
   if target_prompt_files:
     if isinstance(target_prompt_files, str):
       target_prompt_files = [target_prompt_files]
-    targets, _ = _read_prompts(list(target_prompt_files), 'TARGET_PROMPT_FILES')
+    targets = _read_prompts(list(target_prompt_files), 'TARGET_PROMPT_FILES')
     if targets.shape[:2] != sources.shape[:2]:
       raise ProjectorError(
           f'Distance training pairs prompts by position: {sources.shape[0]} source prompts of '

@@ -190,8 +190,8 @@ def check_compatible(info: PromptInfo, model_config: Any, vocab: Any = None,
   on MODEL_FIELDS, the sidecar's vocabulary with `vocab` (a seqio vocabulary
   or its description), and the array's width with the model's emb_dim (the
   only check possible for a bare .npy file); `name` labels the prompt in the
-  message (default: its task). projector=True skips the checks:
-  a projector maps prompts across models (not built yet; a flag for now).
+  message (default: its task). projector=True skips the checks
+  (for a caller that maps the prompt with projector.py first).
   """
   if projector:
     return

@@ -214,18 +214,18 @@ def _grouped_matrix(arrays: Mapping[str, np.ndarray], metric: str, normalize: st
   return out
 
 
-def _check_all(lib: Mapping[str, tuple], config: Any, vocab: Any, projector: bool,
-               params: Any = None) -> None:
+def _check_all(lib: Mapping[str, tuple], config: Any, vocab: Any, params: Any = None) -> None:
   """Refuses prompts of other dimensions/vocabularies; with the frozen params,
   warns once per prompt trained on other weights of the same shape."""
+  from prompt_transfer.training.checkpoints import log_warning  # pylint: disable=g-import-not-at-top
   weights = files.weights_fingerprint(params['token_embedder']['embedding']) \
       if params is not None else None
   for name, (array, info) in lib.items():
-    library.check_compatible(info, config, vocab, array=array, projector=projector, name=name)
-    warning = None if projector or params is None else library.other_weights_warning(
+    library.check_compatible(info, config, vocab, array=array, name=name)
+    warning = None if params is None else library.other_weights_warning(
         info, config, weights, name)
     if warning:
-      print(f'[prompt-transfer] warning: {warning}', flush=True)
+      log_warning(warning)
 
 
 def run_similarity(args: argparse.Namespace, gin_bindings: Sequence[str]) -> int:
@@ -251,7 +251,7 @@ def run_similarity(args: argparse.Namespace, gin_bindings: Sequence[str]) -> int
       from prompt_transfer.training import data  # pylint: disable=g-import-not-at-top
       vocab = data.get_task(args.probe_task).output_features['targets'].vocabulary
       batch = task_batch(args.probe_task, _feature_lengths(), args.probe_examples)
-    _check_all(lib, model.config, vocab, False, params)
+    _check_all(lib, model.config, vocab, params)
     matrices[NEURON_METRIC], windows = neuron_matrices(
         {n: a for n, (a, _) in lib.items()}, model, params, args.probe, batch, args.stack)
 
@@ -535,7 +535,7 @@ def run_transfer_matrix(args: argparse.Namespace, gin_bindings: Sequence[str]) -
   model, params = load_frozen_model(args.model_seed)
   for i, t in enumerate(task_names):  # fails early on an unknown task or an incompatible prompt
     vocab = data.get_task(t).output_features['targets'].vocabulary
-    _check_all(lib, model.config, vocab, False, params if i == 0 else None)
+    _check_all(lib, model.config, vocab, params if i == 0 else None)
   prompts = {n: a for n, (a, _) in lib.items()}
   tm = compute_transfer_matrix(prompts, task_names, model.config, params, _feature_lengths(),
                                args.split, args.num_examples, args.batch_size,

@@ -202,8 +202,9 @@ def load_prompted_model(prompt_file: Optional[str], model_dir: Optional[str] = N
     warning = library.other_weights_warning(
         info, config, files.weights_fingerprint(params['token_embedder']['embedding']),
         os.fspath(prompt_file))
-    if warning and jax.process_index() == 0:
-      print(f'[prompt-transfer] warning: {warning}', flush=True)
+    if warning:
+      from prompt_transfer.training.checkpoints import log_warning  # pylint: disable=g-import-not-at-top
+      log_warning(warning)
   if prompt_module is not None:
     params = model.init_prompt(jax.random.PRNGKey(0), params)
   # On the device once, not re-sent with every batch.
