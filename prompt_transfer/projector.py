@@ -133,14 +133,23 @@ def _read_prompts(paths: Sequence[str], what: str) -> np.ndarray:
 
 def projected_prompt(source_prompt_files: Sequence[str], hidden: int = 768,
                      activation: str = 'tanh', layer_norm: bool = True,
-                     target_prompt_files: Optional[Sequence[str]] = None
+                     target_prompt_files: Optional[Sequence[str]] = None,
+                     task_names: Optional[Sequence[str]] = None
                      ) -> Callable[..., ProjectedPrompt]:
   """The prompt-module factory of a projector over these source prompts
   (and, for distance training, the target model's prompts of the same tasks,
-  in the same order)."""
+  in the same order). task_names: the tasks of a task-tuning mixture
+  (projectors/task_tuning_multi.gin), one per source prompt, in order."""
   if isinstance(source_prompt_files, str):
     source_prompt_files = [source_prompt_files]
   sources = _read_prompts(list(source_prompt_files), 'SOURCE_PROMPT_FILES')
+  if task_names is not None:
+    task_names = [task_names] if isinstance(task_names, str) else list(task_names)
+    if len(task_names) != sources.shape[0]:
+      raise ProjectorError(
+          f'Task tuning pairs source prompts and tasks by position: {sources.shape[0]} '
+          f'SOURCE_PROMPT_FILES ({", ".join(map(str, source_prompt_files))}) vs '
+          f'{len(task_names)} TASKS ({", ".join(task_names)}).')
   targets = None
   if target_prompt_files:
     if isinstance(target_prompt_files, str):

@@ -124,8 +124,13 @@ RULES = {
         'higher': ('{x} vs {y}:', ('lower', 'higher')),
         'versus': ('rank {x} against {y}:', ('lower', 'higher')),
     }, 'first number larger than the second'),
-    'copy': Rule(_copy, {'plain': ('copy: {s}', None)}, 'copy a string'),
-    'reverse': Rule(_reverse, {'plain': ('reverse: {s}', None)},
+    # echo/again and mirror/backwards: phrasings the stand-ins' pretraining
+    # never saw (it saw `plain`), the generative task types of cross-model
+    # transfer (bench/cross_model.py).
+    'copy': Rule(_copy, {'plain': ('copy: {s}', None), 'echo': ('echo: {s}', None),
+                         'again': ('say again: {s}', None)}, 'copy a string'),
+    'reverse': Rule(_reverse, {'plain': ('reverse: {s}', None), 'mirror': ('mirror: {s}', None),
+                               'backwards': ('backwards: {s}', None)},
                     'reverse a string'),
 }
 

@@ -48,9 +48,11 @@ def test_family_structure():
       assert tasks.get_task_info(n).family == rule
       assert tasks.get_task_info(n).kind == 'classification'
   for rule in ('copy', 'reverse'):
-    (name,) = synthetic.FAMILIES[rule]
-    assert synthetic.LABEL_WORDS[name] is None
-    assert tasks.get_task_info(name).kind == 'generation'
+    names = synthetic.FAMILIES[rule]
+    assert len(names) == 3  # plain (pretrained phrasing) and two unseen ones
+    for name in names:
+      assert synthetic.LABEL_WORDS[name] is None
+      assert tasks.get_task_info(name).kind == 'generation'
   # Label words recur across unrelated rules, so they do not signal relatedness.
   assert (synthetic.LABEL_WORDS['synthetic_majority_yesno'] ==
           synthetic.LABEL_WORDS['synthetic_parity_yesno'])

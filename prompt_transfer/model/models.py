@@ -82,20 +82,27 @@ class EncoderDecoderModel:
             jnp.ones((batch_size, target_len), jnp.int32),
             jnp.ones((batch_size, target_len), jnp.int32))
 
+  def _dummy_init(self, rng: Array) -> Any:
+    # Per-example prompt modules (a bank, a projector over K prompts) need
+    # their features even to build parameters: id 0 for every example.
+    enc, dec, tgt = self._dummy_batch()
+    features = {k: jnp.zeros((enc.shape[0],), jnp.int32) for k in PROMPT_FEATURES}
+    return self.module.init(rng, enc, dec, tgt, prompt_features=features)
+
   def init_params(self, rng: Array) -> Params:
     """Random parameters (float32 arrays, logical-axis boxes removed)."""
     # One compiled program instead of hundreds of op-by-op dispatches.
-    init = jax.jit(lambda rng: nn.unbox(self.module.init(rng, *self._dummy_batch())['params']))
+    init = jax.jit(lambda rng: nn.unbox(self._dummy_init(rng)['params']))
     return init(rng)
 
   def param_shapes(self) -> Params:
     """Shape/dtype tree of every parameter, without allocating them."""
-    boxed = jax.eval_shape(self.module.init, jax.random.PRNGKey(0), *self._dummy_batch())
+    boxed = jax.eval_shape(self._dummy_init, jax.random.PRNGKey(0))
     return nn.unbox(boxed['params'])
 
   def param_logical_axes(self) -> Params:
     """Tree of PartitionSpecs of logical axis names (see partitioning)."""
-    boxed = jax.eval_shape(self.module.init, jax.random.PRNGKey(0), *self._dummy_batch())
+    boxed = jax.eval_shape(self._dummy_init, jax.random.PRNGKey(0))
     return nn.get_partition_spec(boxed['params'])
 
   def init_prompt(self, rng: Array, frozen_params: Params) -> Params:

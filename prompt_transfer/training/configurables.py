@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Optional, Tuple
+from typing import Any, Optional, Sequence, Tuple
 
 import gin
 import optax
 
+from prompt_transfer import progressive
 from prompt_transfer import projector
 from prompt_transfer.model.config import T5Config, get_config
 from prompt_transfer.prompts import initializers
@@ -21,6 +22,7 @@ from prompt_transfer.prompts.bank import PromptBank
 from prompt_transfer.prompts.free import free_prompt
 from prompt_transfer.prompts.low_rank import LowRankPrompt
 from prompt_transfer.prompts.slot import PromptModuleFactory
+from prompt_transfer.training import data
 from prompt_transfer.training import stages
 
 
@@ -67,6 +69,19 @@ def prompt_bank(num_prompts: int = gin.REQUIRED, length: int = 100, init: Any = 
                            init=init or initializers.random_uniform())
 
 
+@gin.configurable
+def task_ids_mixture(task_names: Sequence[str] = gin.REQUIRED,
+                     rates: Optional[Sequence[float]] = None) -> str:
+  """The name of a mixture of `task_names` whose examples carry `task_ids`
+  (each task's position in the list), for modules with one prompt per task
+  (a prompt bank, a projector over K source prompts):
+  `MIXTURE_OR_TASK_NAME = @task_ids_mixture()`."""
+  if isinstance(task_names, str):
+    task_names = [task_names]
+  name = 'task_ids_' + '_'.join(task_names)
+  return data.register_with_task_ids(name, list(task_names), rates)
+
+
 def bind_task(prompt_module: Optional[PromptModuleFactory], task: Any
               ) -> Optional[PromptModuleFactory]:
   """Resolves a class-label initialiser (in the factory's fields) against the
@@ -100,3 +115,5 @@ gin.external_configurable(projector.projected_prompt)
 gin.external_configurable(projector.from_projector, module='prompts')
 gin.external_configurable(stages.Stage, module='stages')
 gin.external_configurable(stages.keep_layers, module='stages')
+gin.external_configurable(progressive.fpt_stages)
+gin.external_configurable(progressive.PartialModel, module='stages')

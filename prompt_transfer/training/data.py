@@ -63,6 +63,23 @@ def check_target_length(name: str, task_feature_lengths: Mapping[str, int]) -> N
           f"cut word and no prediction would match. Give 'targets': {longest} or more.")
 
 
+def check_features(name: str, features: Sequence[str], who: str) -> None:
+  """Refuses a task whose examples lack a per-example feature the prompt
+  module reads (e.g. `task_ids` for a prompt bank or a K-prompt projector)."""
+  import seqio  # pylint: disable=g-import-not-at-top
+  task = get_task(name)
+  leaves = task.tasks if isinstance(task, seqio.Mixture) else [task]
+  for feature in features:
+    missing = [leaf.name for leaf in leaves if feature not in leaf.output_features]
+    if missing:
+      raise DataError(
+          f'The prompt module {who} reads the per-example feature {feature!r}, which '
+          f'{", ".join(missing)} does not carry. Train on a mixture whose examples carry it: '
+          f'MIXTURE_OR_TASK_NAME = @task_ids_mixture() with task_ids_mixture.task_names '
+          f'(projectors/task_tuning_multi.gin sets both from TASKS; do not also set '
+          f'--gin.MIXTURE_OR_TASK_NAME).')
+
+
 def feature_converter(passthrough: Sequence[str] = ()) -> Any:
   """T5X's encoder-decoder features, unpacked (a prompt is prepended to each
   example, so examples cannot share a row); `passthrough` per-example features
