@@ -29,7 +29,8 @@ def test_curves_compare_zero_shot_mean_and_steps_to_threshold(tmp_path, capsys):
   c = comparison['t/accuracy']
   assert c['threshold'] == pytest.approx(0.9 * 96.0)
   assert c['runs'][a] == {'at_step_0': 90.0, 'mean': pytest.approx(256 / 3), 'best': 96.0,
-                          'last': 96.0, 'evaluations': 3, 'first_step_at_threshold': 0}
+                          'last': 96.0, 'evaluations': 3, 'first_step_at_threshold': 0,
+                          'flops_at_threshold': None, 'train_flops_total': None}
   assert c['runs'][b]['first_step_at_threshold'] == 20
   assert curves.compare(curves.summarize([b]), threshold=95.0)['t/accuracy']['runs'][b][
       'first_step_at_threshold'] is None

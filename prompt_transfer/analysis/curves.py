@@ -5,8 +5,10 @@ at the start and the end of each run, then, for each eval metric, how the
 runs that report it compare: the score at step 0 (zero-shot: what a transferred
 prompt buys before any training), the mean over all evaluations (the area
 under the score-vs-step curve, divided by the number of evaluations), the best,
-and the first step at or above a threshold. The PNG draws training loss and
-every eval metric against steps.
+and the first step (and the training FLOPs spent by then, `train_flops_total`)
+at or above a threshold. The PNG draws training loss and every eval metric
+against steps, or with `--x flops` against cumulative training FLOPs, so runs
+of different cost per step (FPT's partial models) compare on one axis.
 """
 from __future__ import annotations
 
@@ -27,6 +29,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
   parser.add_argument('--threshold', type=float, default=None,
                       help='Score for "first step at or above" (in the metric\'s units; '
                            'default: 90%% of the best score any run reached).')
+  parser.add_argument('--x', choices=('step', 'flops'), default='step',
+                      help='The PNG\'s x axis: steps or cumulative training FLOPs.')
 
 
 def read_metrics(run_dir: str) -> list:
@@ -47,6 +51,12 @@ def eval_curves(records: Sequence[dict]) -> dict:
   return {k: sorted(v) for k, v in curves.items()}
 
 
+def _flops(records: Sequence[dict]) -> dict:
+  out = {int(r['step']): float(r['train_flops_total'])
+         for r in records if 'train_flops_total' in r}
+  return {0: 0.0, **out} if out else {}
+
+
 def summarize(run_dirs: Sequence[str]) -> list:
   rows = []
   for d in run_dirs:
@@ -63,6 +73,9 @@ def summarize(run_dirs: Sequence[str]) -> list:
                                              else {}).items() if k.startswith('eval/')},
         'wall_seconds': recs[-1].get('elapsed_seconds') if recs else None,
         'curves': eval_curves(all_recs),
+        # Cumulative training FLOPs at each logged step (step 0: none spent;
+        # empty for runs that do not log them).
+        'flops': _flops(all_recs),
     })
   return rows
 
@@ -72,6 +85,7 @@ def compare(rows: Sequence[dict], threshold: Optional[float] = None) -> dict:
   last, and the first step at or above the threshold (None: never)."""
   out: dict = {}
   metrics = sorted({m for r in rows for m in r['curves']})
+  flops = {r['run']: r.get('flops', {}) for r in rows}
   for m in metrics:
     runs = [(r['run'], r['curves'][m]) for r in rows if m in r['curves']]
     best = max(v for _, c in runs for _, v in c)
@@ -79,13 +93,16 @@ def compare(rows: Sequence[dict], threshold: Optional[float] = None) -> dict:
     out[m] = {'threshold': level, 'runs': {}}
     for name, curve in runs:
       values = [v for _, v in curve]
+      first = next((s for s, v in curve if v >= level), None)
       out[m]['runs'][name] = {
           'at_step_0': next((v for s, v in curve if s == 0), None),
           'mean': sum(values) / len(values),
           'best': max(values),
           'last': values[-1],
           'evaluations': len(values),
-          'first_step_at_threshold': next((s for s, v in curve if v >= level), None),
+          'first_step_at_threshold': first,
+          'flops_at_threshold': flops[name].get(first) if first is not None else None,
+          'train_flops_total': max(flops[name].values()) if flops[name] else None,
       }
   return out
 
@@ -101,16 +118,21 @@ def print_comparison(comparison: dict) -> None:
     runs = c['runs']
     width = max(len(n) for n in runs)
     print(f'\n{metric}: threshold {c["threshold"]:.4g}')
+    flops = any(s.get('train_flops_total') for s in runs.values())
     print(f'{"run":<{width}}  {"at step 0":>9}  {"mean":>7}  {"best":>7}  {"last":>7}  '
-          f'{"first step >= threshold":>23}')
+          f'{"first step >= threshold":>23}' +
+          (f'  {"FLOPs by then":>13}  {"FLOPs in all":>12}' if flops else ''))
     for name, s in runs.items():
       never = s['first_step_at_threshold'] is None
-      print(f'{name:<{width}}  {_fmt(s["at_step_0"]):>9}  {_fmt(s["mean"]):>7}  '
-            f'{_fmt(s["best"]):>7}  {_fmt(s["last"]):>7}  '
-            f'{"never" if never else s["first_step_at_threshold"]:>23}')
+      line = (f'{name:<{width}}  {_fmt(s["at_step_0"]):>9}  {_fmt(s["mean"]):>7}  '
+              f'{_fmt(s["best"]):>7}  {_fmt(s["last"]):>7}  '
+              f'{"never" if never else s["first_step_at_threshold"]:>23}')
+      if flops:
+        line += f'  {_fmt(s.get("flops_at_threshold")):>13}  {_fmt(s.get("train_flops_total")):>12}'
+      print(line)
 
 
-def plot(rows: Sequence[dict], path: str) -> None:
+def plot(rows: Sequence[dict], path: str, x: str = 'step') -> None:
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
@@ -132,9 +154,11 @@ def plot(rows: Sequence[dict], path: str) -> None:
     for r in rows:
       label = os.path.basename(os.path.normpath(r['run']))
       for m, curve in sorted(r['curves'].items()):
+        if x == 'flops':
+          curve = [(r['flops'][s], v) for s, v in curve if s in r['flops']]
         ax.plot([s for s, _ in curve], [v for _, v in curve], marker='.',
                 label=f'{label}: {m}' if several else label)
-    ax.set_xlabel('step')
+    ax.set_xlabel('training FLOPs' if x == 'flops' else 'step')
     ax.set_ylabel('eval score' if several else next(m for r in rows for m in r['curves']))
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
@@ -161,6 +185,9 @@ def run(args: argparse.Namespace, gin_bindings: Sequence[str]) -> int:
         {'runs': [{k: v for k, v in r.items() if k != 'curves'} for r in rows],
          'comparison': comparison}, indent=1))
   if args.png:
-    plot(rows, args.png)
+    if args.x == 'flops' and not any(r['flops'] for r in rows):
+      raise ValueError('--x flops: no run logs train_flops_total (runs of an older '
+                       'version, or a step XLA could not count).')
+    plot(rows, args.png, args.x)
     print(f'\nlearning curves: {args.png}')
   return 0

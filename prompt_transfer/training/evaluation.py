@@ -155,14 +155,16 @@ class StepEvaluator:
     return cls(data.build_evaluator(task_name, task_feature_lengths, split, num_examples,
                                     passthrough=passthrough), batch_size)
 
-  def __call__(self, setup: Any, step: int) -> dict:
-    """{'eval/task/metric': value} of the set-up's model and state at `step`."""
+  def __call__(self, setup: Any, step: int, prefix: str = 'eval', label: str = '') -> dict:
+    """{'eval/task/metric': value} of the set-up's model and state at `step`
+    (`prefix` instead of 'eval'; `label` names the model in the log line)."""
     from prompt_transfer.training.logger import log  # pylint: disable=g-import-not-at-top
     from prompt_transfer.training.state import merge_params  # pylint: disable=g-import-not-at-top
     params = merge_params(setup.state['trainable'], setup.frozen)
     results = run_evaluation(self.evaluator, setup.model, params, self.batch_size, step)
-    log(f'eval at step {step}: ' + ', '.join(f'{k} {v:.4g}' for k, v in sorted(results.items())))
-    return {f'eval/{k}': v for k, v in results.items()}
+    log(f'eval at step {step}{" on the " + label if label else ""}: ' +
+        ', '.join(f'{k} {v:.4g}' for k, v in sorted(results.items())))
+    return {f'{prefix}/{k}': v for k, v in results.items()}
 
 
 # ---------------------------------------------------------------------------

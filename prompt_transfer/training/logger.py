@@ -107,6 +107,14 @@ class StepLogger:
     self.compiles = perf.CompileCounter(match='train_step')
     self.stages_started = 0
     self.step_flops: Optional[float] = None
+    # Training FLOPs (the compiled step's count, summed over steps) and wall
+    # clock since step 0, continued from metrics.jsonl on resume, so runs of
+    # different cost (FPT's stages, plain prompt tuning) compare on one axis.
+    previous = next((json.loads(l) for l in reversed(self.writer.lines)
+                     if '"train_seconds_total"' in l), {})
+    self.total_flops: Optional[float] = (previous.get('train_flops_total') if previous
+                                         else 0.0 if start_step == 0 else None)
+    self._seconds_before = previous.get('train_seconds_total', 0.0)
     self._t0 = self._t_log = time.time()
     self._examples = 0
     self._warned = 0
@@ -129,6 +137,8 @@ class StepLogger:
 
   def step_done(self) -> None:
     self._examples += self.batch_size
+    if self.total_flops is not None:  # unknown once a stage's count is
+      self.total_flops = self.total_flops + self.step_flops if self.step_flops else None
 
   def record(self, done: int, metrics: Mapping[str, Any], checkpointed_step: Optional[int]
              ) -> dict:
@@ -153,6 +163,9 @@ class StepLogger:
                       self.peak)
       if util is not None:  # accelerators only: CPUs have no peak in the table
         out['mfu'] = util
+    if self.total_flops is not None:
+      out['train_flops_total'] = self.total_flops
+    out['train_seconds_total'] = self._seconds_before + now - self._t0
     out['recompilations'] = self.recompilations
     if self.recompilations > self._warned:
       self._warned = self.recompilations

@@ -18,6 +18,7 @@ import optax
 from etils import epath
 
 from prompt_transfer import fileio
+from prompt_transfer import progressive
 from prompt_transfer.model.config import T5Config
 from prompt_transfer.model.models import build_model
 from prompt_transfer.model.pretrained import load_frozen_params
@@ -112,6 +113,11 @@ def train(
                         f'the model {config.name} only {config.vocab_size}.')
   prompt_module = configurables.bind_task(prompt_module, task)
   passthrough = _prompt_feature_names(prompt_module)
+  if passthrough:
+    data.check_features(mixture_or_task_name, passthrough, type(prompt_module()).__name__)
+  # FPT's partial stages (progressive.py) drop decoder layers only for
+  # generation tasks unless told otherwise.
+  stages = progressive.bind(stages, generation=_is_generation(task))
   plan = stages_lib.plan(stages, train_steps)
   model = build_model(config, prompt_module, vocabulary=vocab,  # the full model
                       task_loss_weight=task_loss_weight)
@@ -146,6 +152,17 @@ def train(
       ckpt_lib.PromptCheckpointer(model_dir, info, keep_checkpoints) as checkpointer:
     if jax.process_index() == 0:
       fileio.atomic_write_text(epath.Path(model_dir) / 'config.gin', gin.operative_config_str())
+    if progressive.needs_scores(stages):
+      # FFN-reduced stages keep each layer's top neurons by FPT's score on the
+      # full model with the untrained prompt: computed once, cached.
+      scores = progressive.load_or_compute_scores(
+          model_dir, lambda: _neuron_scores(model, config, checkpoint_path, model_seed, init_rng,
+                                            mixture_or_task_name, task_feature_lengths,
+                                            eval_split, progressive.score_examples(stages),
+                                            eval_batch_size or batch_size),
+          write=jax.process_index() == 0)
+      stages = progressive.bind(stages, generation=_is_generation(task), scores=scores)
+      plan = stages_lib.plan(stages, train_steps)
     # Restore: the train state of the newest good checkpoint, in its stage.
     stage_i = plan.index_at(checkpointer.latest_step() or 0)
     setup = stage_setup(stage_i)
@@ -166,10 +183,26 @@ def train(
         eval_period, mixture_or_task_name, task_feature_lengths, eval_split,
         eval_num_examples, eval_batch_size or batch_size, passthrough)
     last: dict = {}
+    full_for_eval: Optional[TrainSetup] = None  # the full model's, during partial stages
+
+    def evaluate_now(setup: TrainSetup, step: int) -> dict:
+      """eval/ on the full model; during a partial stage also eval_stage/
+      on the stage's own model."""
+      nonlocal full_for_eval
+      if not progressive.is_partial(plan.stages[stage_i]):
+        full_for_eval = None
+        return evaluator(setup, step)
+      if full_for_eval is None:  # full frozen weights, held while partial stages last
+        full_for_eval = set_up(model, load_frozen_params(config, checkpoint_path, model_seed),
+                               tx, mesh, init_rng, trainable_params, carry=setup.state)
+      out = evaluator(dataclasses.replace(full_for_eval, state=setup.state), step)
+      out.update(evaluator(setup, step, prefix='eval_stage', label=plan.label(stage_i)))
+      return out
+
     with StepLogger(model_dir, start_step, train_steps, batch_size, lr_fn,
                     tensorboard) as logger:
       if eval_at_start and evaluator and start_step == 0 and train_steps > 0:
-        logger.write(0, evaluator(setup, 0))  # how good the initial prompt already is
+        logger.write(0, evaluate_now(setup, 0))  # how good the initial prompt already is
       batches = data.train_dataset(mixture_or_task_name, task_feature_lengths, batch_size,
                                    seed, start_step, host_data_sharding=host_data_sharding,
                                    passthrough=passthrough) if start_step < train_steps else None
@@ -197,7 +230,7 @@ def train(
             done == 1 or stage_end or eval_now:
           last = logger.record(done, metrics, checkpointer.latest_step())
           if eval_now:
-            last.update(evaluator(setup, done))
+            last.update(evaluate_now(setup, done))
           logger.write(done, last)
         if done % checkpoint_period == 0 or done == train_steps or stage_end:
           checkpointer.save(done, setup.state, setup.model, setup.frozen, last)
@@ -228,6 +261,41 @@ def _warn_if_other_weights(prompt_module: Optional[PromptModuleFactory],
   warning = library.other_weights_warning(info, config, weights, path)
   if warning:
     ckpt_lib.log_warning(warning)
+
+
+def _is_generation(task: Any) -> bool:
+  """A generation task (FPT drops decoder layers too), by the task
+  catalogue; tasks outside it keep their decoder (PartialModel.drop_decoder
+  decides for them)."""
+  import tasks as tasks_lib  # pylint: disable=g-import-not-at-top
+  import seqio  # pylint: disable=g-import-not-at-top
+  leaves = task.tasks if isinstance(task, seqio.Mixture) else [task]
+  for leaf in leaves:
+    try:
+      if tasks_lib.get_task_info(leaf.name.split(':')[0]).kind == 'generation':
+        return True
+    except ValueError:
+      continue
+  return False
+
+
+def _neuron_scores(model: Any, config: T5Config, checkpoint_path: Optional[str],
+                   model_seed: int, init_rng: Any, task_name: str,
+                   task_feature_lengths: Mapping[str, int], split: str, num_examples: int,
+                   batch_size: int) -> dict:
+  """FPT's FFN neuron scores of the full model with the untrained prompt on
+  `num_examples` examples of `split` (analysis.neurons.ffn_importance)."""
+  from prompt_transfer.analysis import neurons  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  log(f'FPT: scoring FFN neurons on {num_examples} {split} examples of {task_name}')
+  params = load_frozen_params(config, checkpoint_path, model_seed)
+  if model.prompt_module is not None:
+    params = model.init_prompt(init_rng, params)
+  rows = data.first_examples(task_name, task_feature_lengths, num_examples, split)
+  n = len(rows['encoder_input_tokens'])
+  batches = [{k: v[i:i + batch_size] for k, v in rows.items()} for i in range(0, n, batch_size)]
+  scores = neurons.ffn_importance(model, params, batches, 'both')
+  return {k: np.asarray(v) for k, v in scores.items()}
 
 
 def _prompt_feature_names(prompt_module: Optional[PromptModuleFactory]) -> Tuple[str, ...]:
