@@ -4,9 +4,9 @@ Per task: plain prompt tuning, layer dropping, FFN reduction and compound
 reduction (runs/fpt.gin's three-stage schedule, the partial stages' layer or
 width fractions zeroed out as the variant says), all for the same number of
 steps, evaluated on the full model every --eval_period steps. Reports each
-run's final score, its training FLOPs (XLA's count of each stage's step,
-summed: `train_flops_total`) and the FLOPs it took to reach the plain run's
-final score and 99% of it. Then the side result: partial models alone (half
+run's final score (mean of the last three evaluations), its training FLOPs
+(XLA's count of each stage's step, summed: `train_flops_total`) and the
+FLOPs it took to first reach the plain run's final score and 99% of it. Then the side result: partial models alone (half
 the FFN width, half the layers) trained for the whole run. Everything goes
 through `t5x train` / `t5x curves`, --jobs at a time. Prints JSON.
 
@@ -83,14 +83,17 @@ def summary(run: str, metric: str, levels: dict) -> dict:
   recs = records(run)
   evals = [(r['step'], r[metric], r.get('train_flops_total')) for r in recs if metric in r]
   stage = [r[f'eval_stage/{metric[5:]}'] for r in recs if f'eval_stage/{metric[5:]}' in r]
-  out = {'final': evals[-1][1], 'train_flops': recs[-1]['train_flops_total'],
+  # Scores of 100 examples swing by +-10 between evaluations: the final score
+  # is the mean of the last three.
+  out = {'final': round(sum(v for _, v, _ in evals[-3:]) / len(evals[-3:]), 2),
+         'last_evals': [v for _, v, _ in evals[-3:]], 'train_flops': recs[-1]['train_flops_total'],
          'seconds': round(recs[-1]['train_seconds_total'])}
   for name, level in levels.items():
     hit = next(((s, f) for s, v, f in evals if v >= level), None)
     out[f'flops_to_{name}'] = hit[1] if hit else None
     out[f'step_to_{name}'] = hit[0] if hit else None
   if stage:
-    out['partial_model_final'] = stage[-1]
+    out['partial_model_final'] = round(sum(stage[-3:]) / len(stage[-3:]), 2)
   return out
 
 
@@ -119,7 +122,8 @@ def main() -> int:
   for (task, name, _), run in zip(jobs, runs):
     metric = next(k for k in records(run)[-1] if k.startswith(f'eval/{task}/'))
     plain_run = os.path.join(args.out, task, 'plain')
-    plain_final = [r[metric] for r in records(plain_run) if metric in r][-1]
+    plain_evals = [r[metric] for r in records(plain_run) if metric in r][-3:]
+    plain_final = sum(plain_evals) / len(plain_evals)
     levels = {'plain_final': plain_final, '99pct_plain_final': 0.99 * plain_final}
     result['tasks'].setdefault(task, {})[name] = summary(run, metric, levels)
   for task, rows in result['tasks'].items():
