@@ -18,17 +18,16 @@ time. Prints JSON (and writes it with --json).
 from __future__ import annotations
 
 import argparse
-import concurrent.futures
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Dict, List, Optional
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+from t5x_runs import parallel, print_and_write, t5x  # pylint: disable=g-import-not-at-top,wrong-import-position
 MODELS = {'tiny': 'models/t5_1_1_tiny_synthetic.gin', 'mini': 'models/t5_1_1_mini_synthetic.gin'}
 CHECKPOINTS = {'tiny': 'pkg://assets/t5_1_1_tiny_synthetic',
                'mini': 'pkg://assets/t5_1_1_mini_synthetic'}
@@ -47,20 +46,6 @@ HELD_OUT = {t: h for t, h in TYPES.values()}
 ONE_TASK = 'synthetic_majority_count'  # the single-task projector's
 LENGTHS = "--gin.TASK_FEATURE_LENGTHS={'inputs': 64, 'targets': 16}"
 PROMPT = 'encoder.prompt.prompt.prompt'
-JOBS = 2
-
-
-def t5x(*args: str) -> str:
-  proc = subprocess.run([sys.executable, '-m', 'prompt_transfer.cli', *args], cwd=ROOT,
-                        capture_output=True, text=True)
-  if proc.returncode:
-    raise RuntimeError(f't5x {" ".join(args)}\n{proc.stderr[-3000:]}')
-  return proc.stdout
-
-
-def parallel(fn: Callable, items: Sequence) -> list:
-  with concurrent.futures.ThreadPoolExecutor(JOBS) as pool:
-    return list(pool.map(fn, items))
 
 
 def prompt_of(run: str, step: Optional[int] = None) -> str:
@@ -142,7 +127,8 @@ def one_seed(args: argparse.Namespace, seed: int) -> dict:
   prompt_seed = seed if args.prompt_seed is None else args.prompt_seed
   prompt_out = os.path.join(args.out, f'seed_{prompt_seed}')
   own_files = parallel(
-      lambda mt: train_prompt(prompt_out, *mt, args.prompt_steps, args.length, prompt_seed), jobs)
+      lambda mt: train_prompt(prompt_out, *mt, args.prompt_steps, args.length, prompt_seed), jobs,
+      args.jobs)
   own = {m: {} for m in MODELS}
   for (m, t), f in zip(jobs, own_files):
     own[m][t] = f
@@ -188,7 +174,8 @@ def one_seed(args: argparse.Namespace, seed: int) -> dict:
         evals += [(task, 'own prompt', own[tgt][task], task),
                   (task, 'random prompt', random_prompt[tgt], task)]
         evals += [(task, how, by_task[t], task) for how, by_task in mapped.items()]
-    scores_list = parallel(lambda e: evaluate(e[2], tgt, e[3], args.eval_examples), evals)
+    scores_list = parallel(lambda e: evaluate(e[2], tgt, e[3], args.eval_examples), evals,
+                           args.jobs)
     scores: dict = {}
     for (row, col, _, _), s in zip(evals, scores_list):
       scores.setdefault(row, {})[col] = s
@@ -203,7 +190,7 @@ def one_seed(args: argparse.Namespace, seed: int) -> dict:
     conv = dict(zip(starts, parallel(
         lambda kv: convergence(out, f'{d}_{kv[0].split()[1]}', tgt, held, level,
                                args.target_steps, args.length, seed, *kv[1]),
-        list(starts.items()))))
+        list(starts.items()), args.jobs)))
     result[f'{src}->{tgt}'] = {'scores': scores, f'convergence on {held}': conv}
     print(json.dumps({'seed': seed, f'{src}->{tgt}': result[f'{src}->{tgt}']}), flush=True)
   return result
@@ -242,7 +229,6 @@ def summarize(per_seed: List[dict]) -> dict:
 
 
 def main() -> int:
-  global JOBS
   parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
   parser.add_argument('--out', default='/tmp/cross_model')
   parser.add_argument('--json', default=None)
@@ -256,17 +242,12 @@ def main() -> int:
   parser.add_argument('--length', type=int, default=20)
   parser.add_argument('--eval_examples', type=int, default=100)
   args = parser.parse_args()
-  JOBS = args.jobs
   t0 = time.time()
   per_seed = [one_seed(args, s) for s in args.seeds]
   result = {'types': TYPES, 'one_task_projector': ONE_TASK, 'seeds': args.seeds,
             'settings': {k: v for k, v in vars(args).items() if k not in ('out', 'json')},
             'summary': summarize(per_seed), 'seconds': round(time.time() - t0)}
-  text = json.dumps(result, indent=1)
-  print(text)
-  if args.json:
-    with open(args.json, 'w') as f:
-      f.write(text + '\n')
+  print_and_write(result, args.json)
   return 0
 
 

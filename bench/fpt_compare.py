@@ -15,15 +15,14 @@ through `t5x train` / `t5x curves`, --jobs at a time. Prints JSON.
 from __future__ import annotations
 
 import argparse
-import concurrent.futures
-import json
 import os
-import subprocess
 import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+from t5x_runs import parallel, print_and_write, t5x  # pylint: disable=g-import-not-at-top,wrong-import-position
+from prompt_transfer.analysis.curves import read_metrics as records  # pylint: disable=g-import-not-at-top,wrong-import-position
 MODEL = 'models/t5_1_1_mini_synthetic.gin'
 # Two classification tasks (layers dropped from the encoder only) and one
 # generation task (both stacks), none seen in the stand-in's pretraining.
@@ -54,14 +53,6 @@ PARTIAL_ALONE = {  # one stage, the whole run: the paper's Table 1 question
 }
 
 
-def t5x(*args: str) -> str:
-  proc = subprocess.run([sys.executable, '-m', 'prompt_transfer.cli', *args], cwd=ROOT,
-                        capture_output=True, text=True)
-  if proc.returncode:
-    raise RuntimeError(f't5x {" ".join(args)}\n{proc.stderr[-3000:]}')
-  return proc.stdout
-
-
 def train(run: str, task: str, flags: list, args: argparse.Namespace) -> str:
   if not os.path.exists(os.path.join(run, 'numpy_checkpoints', f'checkpoint_{args.steps}')):
     t5x('train', f'--gin_file={MODEL}', '--gin_file=prompts/from_sampled_vocab.gin',
@@ -72,11 +63,6 @@ def train(run: str, task: str, flags: list, args: argparse.Namespace) -> str:
         f'--gin.train.checkpoint_period={args.steps}', '--gin.train.tensorboard=False',
         f'--gin.train.seed={args.seed}')
   return run
-
-
-def records(run: str) -> list:
-  with open(os.path.join(run, 'metrics.jsonl')) as f:
-    return [json.loads(l) for l in f if l.strip()]
 
 
 def summary(run: str, metric: str, levels: dict) -> dict:
@@ -114,9 +100,8 @@ def main() -> int:
   jobs = [(t, name, flags) for t in args.tasks for name, flags in variants(args.steps).items()]
   jobs += [(t, name, flags) for t in args.partial_alone_tasks
            for name, flags in PARTIAL_ALONE.items()]
-  with concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:
-    runs = list(pool.map(lambda j: train(os.path.join(args.out, j[0], j[1].replace(' ', '_')),
-                                         j[0], j[2], args), jobs))
+  runs = parallel(lambda j: train(os.path.join(args.out, j[0], j[1].replace(' ', '_')),
+                                  j[0], j[2], args), jobs, args.jobs)
   result: dict = {'model': MODEL, 'settings': {k: v for k, v in vars(args).items()
                                               if k not in ('out', 'json')}, 'tasks': {}}
   for (task, name, _), run in zip(jobs, runs):
@@ -135,11 +120,7 @@ def main() -> int:
           row[key + '_vs_plain_run'] = round(row[key] / plain['train_flops'], 3)
       row['score_vs_plain'] = round(row['final'] - plain['final'], 2)
   result['seconds'] = round(time.time() - t0)
-  text = json.dumps(result, indent=1)
-  print(text)
-  if args.json:
-    with open(args.json, 'w') as f:
-      f.write(text + '\n')
+  print_and_write(result, args.json)
   return 0
 
 

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import dataclasses
 import io
-import math
 import re
 from typing import Any, Callable, Mapping, Optional, Sequence, Tuple
 
@@ -125,7 +124,7 @@ class PartialModel:
   """Stage transform: the full model cut to `layers` of its depth and `width`
   of its FFN width (1.0 = untouched). drop_decoder: also drop decoder
   layers (None: decided by the task, `bind`). scores: FFN neuron scores
-  (needed when width < 1; the trainer fills them in, `with_scores`)."""
+  (needed when width < 1; the trainer fills them in, `bind`)."""
   layers: float = 1.0
   width: float = 1.0
   drop_decoder: Optional[bool] = None
@@ -231,9 +230,3 @@ def load_or_compute_scores(model_dir: str, compute: Callable[[], Scores],
     fileio.atomic_write_bytes(path, buf.getvalue())
   return scores
 
-
-def train_flops_fraction(step_flops: Sequence[float], steps: Sequence[int]) -> float:
-  """Training FLOPs of stages [(step FLOPs, steps)] relative to running all
-  the steps at the last (full) stage's step FLOPs."""
-  total = sum(f * n for f, n in zip(step_flops, steps))
-  return total / (step_flops[-1] * sum(steps)) if step_flops and sum(steps) else math.nan

@@ -35,6 +35,13 @@ def get_task(name: str) -> Any:
                      '--module_import=my.tasks.module.') from None
 
 
+def leaf_tasks(name: str) -> list:
+  """The seqio tasks behind a task or mixture name (a task: itself)."""
+  import seqio  # pylint: disable=g-import-not-at-top
+  task = get_task(name)
+  return list(task.tasks) if isinstance(task, seqio.Mixture) else [task]
+
+
 def check_target_length(name: str, task_feature_lengths: Mapping[str, int]) -> None:
   """Refuses a targets length that cuts a classification task's label words.
 
@@ -42,12 +49,9 @@ def check_target_length(name: str, task_feature_lengths: Mapping[str, int]) -> N
   for 'positive' and every decoded prediction would then be wrong (accuracy
   0 with a falling loss), so this is checked before anything is built.
   """
-  import seqio  # pylint: disable=g-import-not-at-top
   import tasks as tasks_lib  # pylint: disable=g-import-not-at-top
   length = task_feature_lengths.get('targets')
-  task = get_task(name)
-  leaves = task.tasks if isinstance(task, seqio.Mixture) else [task]
-  for leaf in leaves:
+  for leaf in leaf_tasks(name):
     base = leaf.name.split(':')[0]  # register_with_task_ids' copies
     try:
       words = tasks_lib.get_label_words(base)
@@ -66,9 +70,7 @@ def check_target_length(name: str, task_feature_lengths: Mapping[str, int]) -> N
 def check_features(name: str, features: Sequence[str], who: str) -> None:
   """Refuses a task whose examples lack a per-example feature the prompt
   module reads (e.g. `task_ids` for a prompt bank or a K-prompt projector)."""
-  import seqio  # pylint: disable=g-import-not-at-top
-  task = get_task(name)
-  leaves = task.tasks if isinstance(task, seqio.Mixture) else [task]
+  leaves = leaf_tasks(name)
   for feature in features:
     missing = [leaf.name for leaf in leaves if feature not in leaf.output_features]
     if missing:
