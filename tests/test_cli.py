@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from prompt_transfer import cli
+from tests.in_process import t5x_here
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PROMPT = 'encoder.prompt.prompt.prompt'
@@ -97,7 +98,7 @@ def test_errors_a_person_can_act_on(tmp_path, capsys):
 
 
 def test_list_tasks():
-  out = t5x('list-tasks', '--filter', 'synthetic_majority').stdout
+  out = t5x_here('list-tasks', '--filter', 'synthetic_majority').stdout
   assert 'synthetic_majority_yesno' in out and 'accuracy' in out
 
 
@@ -129,15 +130,15 @@ def test_train_eval_infer_and_from_file(trained, tmp_path):
     assert noise not in proc.stderr, proc.stderr
   result = json.load(open(os.path.join(trained, 'eval_validation.json')))
   assert 0.0 <= result['metrics']['synthetic_majority_yesno/accuracy'] <= 100.0
-  t5x('infer', '--gin_file=runs/infer.gin', *common)
+  t5x_here('infer', '--gin_file=runs/infer.gin', *common)
   lines = [json.loads(l) for l in open(os.path.join(trained, 'predictions_validation.jsonl'))]
   assert len(lines) == 200 and {'inputs', 'targets', 'prediction'} <= set(lines[0])
   # A second task started from the first task's prompt (SPoT transfer).
   target = str(tmp_path / 'target')
   src = os.path.join(trained, 'numpy_checkpoints', 'checkpoint_40', PROMPT)
-  t5x('train', *QUICK, '--gin_file=prompts/from_file.gin', f'--gin.PROMPT_FILE={src}',
-      '--gin.TRAIN_STEPS=0', '--gin.MIXTURE_OR_TASK_NAME=synthetic_majority_truefalse',
-      f'--gin.MODEL_DIR={target}')
+  t5x_here('train', *QUICK, '--gin_file=prompts/from_file.gin', f'--gin.PROMPT_FILE={src}',
+           '--gin.TRAIN_STEPS=0', '--gin.MIXTURE_OR_TASK_NAME=synthetic_majority_truefalse',
+           f'--gin.MODEL_DIR={target}')
   np.testing.assert_array_equal(_prompt(target, 0), _prompt(trained, 40))
 
 
@@ -154,7 +155,7 @@ def test_sigkill_and_resume_finishes_with_the_same_prompt(trained, tmp_path):
   proc.wait()
   assert os.path.exists(ckpt10), 'the run never reached its first checkpoint'
   assert not os.path.exists(os.path.join(d, 'numpy_checkpoints', 'checkpoint_40'))
-  out = t5x('train', *QUICK, f'--gin.MODEL_DIR={d}').stdout
+  out = t5x_here('train', *QUICK, f'--gin.MODEL_DIR={d}').stdout
   assert 'resumed from' in out
   np.testing.assert_allclose(_prompt(d, 40), _prompt(trained, 40), rtol=1e-6, atol=1e-7)
 

@@ -19,6 +19,7 @@ from prompt_transfer.model.config import get_config
 from prompt_transfer.model.models import build_model
 from prompt_transfer.prompts import files
 from prompt_transfer.training import stages as stages_lib
+from tests.in_process import t5x_here
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -147,7 +148,7 @@ def _records(run):
 
 def test_a_progressive_run(tmp_path):
   run = str(tmp_path / 'fpt')
-  out = _t5x('train', *RUN, *FPT, f'--gin.MODEL_DIR={run}')
+  out = t5x_here('train', *RUN, *FPT, f'--gin.MODEL_DIR={run}')
   assert 'FPT: scoring FFN neurons on 16 validation examples' in out.stdout
   recs = [r for r in _records(run) if 'loss' in r]
   flops = {r['step']: r['train_step_flops'] for r in recs}
@@ -168,12 +169,14 @@ def test_a_progressive_run(tmp_path):
     assert scores['encoder__layers_0'].shape == (64,)  # tiny's d_ff
   # The last stage is the full model: a plain run's step costs the same.
   plain = str(tmp_path / 'plain')
-  _t5x('train', *RUN, '--gin.TRAIN_STEPS=1', f'--gin.MODEL_DIR={plain}')
+  t5x_here('train', *RUN, '--gin.TRAIN_STEPS=1', '--gin.train.eval_period=None',
+           f'--gin.MODEL_DIR={plain}')
   assert _records(plain)[-1]['train_step_flops'] == flops[8]
   # Killed mid-stage (after step 2) and resumed on a model-parallel mesh of 2
   # devices (the partial models' parameters sharded by their own logical
   # axes): the cached scores are reused and the run ends with the
-  # uninterrupted run's prompt and FLOPs count.
+  # uninterrupted run's prompt and FLOPs count (evaluation, checked above,
+  # is left out: it does not touch the training state).
   resumed = str(tmp_path / 'resumed')
   os.makedirs(os.path.join(resumed, 'checkpoints'))
   shutil.copytree(os.path.join(run, 'checkpoints', '2'), os.path.join(resumed, 'checkpoints', '2'))
@@ -182,7 +185,7 @@ def test_a_progressive_run(tmp_path):
       open(os.path.join(resumed, 'metrics.jsonl'), 'w') as g:
     g.writelines(l for l in f if json.loads(l)['step'] <= 2)
   out = _t5x('train', *RUN, *FPT, f'--gin.MODEL_DIR={resumed}', '--gin.train.mesh_shape=(1, 2)',
-             devices=2)
+             '--gin.train.eval_period=None', devices=2)
   assert 'resumed from' in out.stdout and 'scoring FFN neurons' not in out.stdout
   assert "mesh {'data': 1, 'model': 2} over 2 devices" in out.stdout
   ref = np.load(files.prompt_file(run, 8))
@@ -191,5 +194,5 @@ def test_a_progressive_run(tmp_path):
   assert _records(resumed)[-1]['train_flops_total'] == pytest.approx(totals[-1], rel=1e-6)
   # `t5x curves --x flops` draws score against training FLOPs.
   png = str(tmp_path / 'curves.png')
-  out = _t5x('curves', run, plain, '--x', 'flops', '--png', png)
+  out = t5x_here('curves', run, plain, '--x', 'flops', '--png', png)
   assert os.path.getsize(png) > 0 and 'FLOPs by then' in out.stdout

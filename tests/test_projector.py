@@ -5,18 +5,16 @@ and applied by `t5x project` and prompts/from_projector.gin; the recyclers
 recover a known linear relation between two embedding tables."""
 import json
 import os
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from prompt_transfer import projector, recycling
+from prompt_transfer import cli, projector, recycling
 from prompt_transfer.prompts import files
+from tests.in_process import t5x_here
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PROMPT = files.PROMPT_FILE
 LENGTHS = "--gin.TASK_FEATURE_LENGTHS={'inputs': 48, 'targets': 16}"
 # Copy with a phrasing neither stand-in was pretrained on: a random prompt
@@ -88,11 +86,17 @@ def test_recyclers_recover_a_linear_relation_between_embeddings():
     recycling.fit_recycler('magic', src, tgt)
 
 
-def t5x(*args):
-  proc = subprocess.run([sys.executable, '-m', 'prompt_transfer.cli', *args], cwd=ROOT,
-                        capture_output=True, text=True, timeout=600)
-  assert proc.returncode == 0, proc.stderr[-3000:]
-  return proc
+def _refused(capsys, *args):
+  """(exit code, stderr) of a `t5x` command expected to stop with an error."""
+  import gin  # pylint: disable=g-import-not-at-top
+  gin.clear_config()
+  capsys.readouterr()
+  try:
+    with pytest.raises(SystemExit) as e:
+      cli.main(list(args))
+  finally:
+    gin.clear_config()
+  return e.value.code, capsys.readouterr().err
 
 
 def _metrics(run):
@@ -102,18 +106,21 @@ def _metrics(run):
 @pytest.fixture(scope='module')
 def source_prompts(tmp_path_factory):
   """Prompts of the two pretrained stand-ins, the 128-wide mini model (the
-  source) and the 64-wide tiny one (the target), 4 rows each, for one task."""
+  source) and the 64-wide tiny one (the target), 4 rows each: step-0
+  (sampled-vocab) prompts of a run on one task, sidecars included. The
+  projector learns the task from any fixed source prompt; these tests check
+  its mechanics, bench/cross_model.py what it transfers."""
   root = tmp_path_factory.mktemp('projector')
   out = {}
   for name, gin_file in (('source', 'models/t5_1_1_mini_synthetic.gin'),
                          ('target', 'models/t5_1_1_tiny_synthetic.gin')):
     run = str(root / name)
-    t5x('train', f'--gin_file={gin_file}', '--gin_file=prompts/from_sampled_vocab.gin',
-        '--gin_file=runs/prompt_tune.gin', f'--gin.MODEL_DIR={run}',
-        f'--gin.MIXTURE_OR_TASK_NAME={TASK}', LENGTHS, '--gin.TRAIN_STEPS=10',
-        '--gin.BATCH_SIZE=16', '--gin.PROMPT_LENGTH=4', '--gin.train.eval_period=None',
-        '--gin.train.tensorboard=False')
-    out[name] = files.prompt_file(run, 10)
+    t5x_here('train', f'--gin_file={gin_file}', '--gin_file=prompts/from_sampled_vocab.gin',
+             '--gin_file=runs/prompt_tune.gin', f'--gin.MODEL_DIR={run}',
+             f'--gin.MIXTURE_OR_TASK_NAME={TASK}', LENGTHS, '--gin.TRAIN_STEPS=0',
+             '--gin.BATCH_SIZE=16', '--gin.PROMPT_LENGTH=4', '--gin.train.eval_period=None',
+             '--gin.train.tensorboard=False')
+    out[name] = files.prompt_file(run, 0)
   out['root'] = root
   return out
 
@@ -127,7 +134,7 @@ PROJECTOR_RUN = ['--gin_file=models/t5_1_1_tiny_synthetic.gin', '--gin_file=runs
 
 def _score(prompt_file, task=TASK):
   out = prompt_file + '.eval.json'
-  t5x('eval', '--gin_file=runs/eval.gin', '--gin_file=models/t5_1_1_tiny_synthetic.gin',
+  t5x_here('eval', '--gin_file=runs/eval.gin', '--gin_file=models/t5_1_1_tiny_synthetic.gin',
       f'--gin.MIXTURE_OR_TASK_NAME={task}', LENGTHS, f'--gin.PROMPT_FILE={prompt_file}',
       '--gin.evaluate.num_examples=50', f'--gin.evaluate.output_file={out}')
   return json.load(open(out))['metrics'][f'{task}/sequence_accuracy']
@@ -138,9 +145,10 @@ def test_task_tuning_trains_only_the_projector_and_is_reused(source_prompts, tmp
   zero-shot on the training task (a random prompt, like the untrained
   projector's output, scores 0), and the saved projector reproduces it."""
   run = str(tmp_path / 'projector')
-  t5x('train', *PROJECTOR_RUN, '--gin_file=projectors/task_tuning.gin', f'--gin.MODEL_DIR={run}',
-      '--gin.TRAIN_STEPS=30', '--gin.PROJECTOR_HIDDEN=32',
-      f"--gin.SOURCE_PROMPT_FILES=['{source_prompts['source']}']")
+  t5x_here('train', *PROJECTOR_RUN, '--gin_file=projectors/task_tuning.gin',
+           f'--gin.MODEL_DIR={run}', '--gin.TRAIN_STEPS=30', '--gin.PROJECTOR_HIDDEN=32',
+           f"--gin.SOURCE_PROMPT_FILES=['{source_prompts['source']}']",
+           '--gin.train.eval_period=30', '--gin.train.eval_num_examples=50')
   recs = [r for r in _metrics(run) if 'loss' in r]
   assert recs[-1]['loss'] < 0.5 * recs[0]['loss'], [r['loss'] for r in recs]
   folder = files.numpy_checkpoint_dir(run, 30)
@@ -156,68 +164,67 @@ def test_task_tuning_trains_only_the_projector_and_is_reused(source_prompts, tmp
   trained = np.load(os.path.join(folder, PROMPT))
   # `t5x project` with the saved projector gives the run's own projected prompt.
   out = str(tmp_path / 'projected')
-  t5x('project', source_prompts['source'], '--projector', run, '--output_dir', out)
+  t5x_here('project', source_prompts['source'], '--projector', run, '--output_dir', out)
   (name,) = os.listdir(out)
   np.testing.assert_allclose(np.load(os.path.join(out, name, PROMPT)), trained, atol=1e-5)
   random_prompt = str(tmp_path / 'random.npy')
   np.save(random_prompt, np.random.default_rng(0).uniform(-0.5, 0.5, (4, 64)).astype(np.float32))
-  projected, rand = _score(os.path.join(out, name, PROMPT)), _score(random_prompt)
+  # The run's own evaluation at step 30 is the projected prompt's score.
+  projected = _metrics(run)[-1][f'eval/{TASK}/sequence_accuracy']
+  rand = _score(random_prompt)
   assert projected >= rand + 30, (projected, rand)
   projected_info = files.load_prompt_info(os.path.join(out, name, PROMPT))
   assert projected_info.model['name'] == 't5_1_1_tiny_synthetic'
   assert projected_info.weights == sidecar.weights and 'by projector' in projected_info.origin
   # `t5x similarity --projector` compares prompts of the two models in the target's space.
   sim = str(tmp_path / 'sim.json')
-  proc = t5x('similarity', source_prompts['source'], source_prompts['target'], '--projector', run,
-             '--json', sim)
+  proc = t5x_here('similarity', source_prompts['source'], source_prompts['target'],
+                  '--projector', run, '--json', sim)
   assert 'projected 1 prompt(s) of t5_1_1_mini_synthetic to t5_1_1_tiny_synthetic' in proc.stderr
   shapes = [p['shape'] for p in json.load(open(sim))['prompts'].values()]
   assert shapes == [[4, 64], [4, 64]]
   # prompts/from_projector.gin starts a target run from it.
   target = str(tmp_path / 'target')
-  t5x('train', *PROJECTOR_RUN, '--gin_file=prompts/from_projector.gin', f'--gin.MODEL_DIR={target}',
-      '--gin.TRAIN_STEPS=0', '--gin.PROMPT_LENGTH=4',
-      f'--gin.SOURCE_PROMPT_FILE={source_prompts["source"]}', f'--gin.PROJECTOR_DIR={run}')
+  t5x_here('train', *PROJECTOR_RUN, '--gin_file=prompts/from_projector.gin',
+           f'--gin.MODEL_DIR={target}', '--gin.TRAIN_STEPS=0', '--gin.PROMPT_LENGTH=4',
+           f'--gin.SOURCE_PROMPT_FILE={source_prompts["source"]}', f'--gin.PROJECTOR_DIR={run}')
   np.testing.assert_allclose(np.load(files.prompt_file(target, 0)), trained, atol=1e-5)
 
 
-def test_task_tuning_on_several_tasks(source_prompts, tmp_path):
+def test_task_tuning_on_several_tasks(source_prompts, tmp_path, capsys):
   """projectors/task_tuning_multi.gin: one projector for K tasks, each
   example given the projection of its own task's source prompt."""
   run = str(tmp_path / 'multi')
   tasks = [TASK, 'synthetic_reverse_mirror']
   sources = [source_prompts['source']] * 2
   # A single task cannot feed it (its examples carry no task ids).
-  proc = subprocess.run([sys.executable, '-m', 'prompt_transfer.cli', 'train', *PROJECTOR_RUN,
-                         '--gin_file=projectors/task_tuning_multi.gin',
-                         f'--gin.MODEL_DIR={tmp_path / "single"}', '--gin.TRAIN_STEPS=4',
-                         f'--gin.TASKS={tasks!r}', f'--gin.SOURCE_PROMPT_FILES={sources!r}'],
-                        cwd=ROOT, capture_output=True, text=True, timeout=300)
-  assert proc.returncode == 1 and "reads the per-example feature 'task_ids'" in proc.stderr
+  code, err = _refused(capsys, 'train', *PROJECTOR_RUN, '--gin_file=projectors/task_tuning_multi.gin',
+                       f'--gin.MODEL_DIR={tmp_path / "single"}', '--gin.TRAIN_STEPS=4',
+                       f'--gin.TASKS={tasks!r}', f'--gin.SOURCE_PROMPT_FILES={sources!r}')
+  assert code == 1 and "reads the per-example feature 'task_ids'" in err, err
   multi_run = [a for a in PROJECTOR_RUN if 'MIXTURE_OR_TASK_NAME' not in a]
-  t5x('train', *multi_run, '--gin_file=projectors/task_tuning_multi.gin',
-      f'--gin.MODEL_DIR={run}', '--gin.TRAIN_STEPS=4', '--gin.PROJECTOR_HIDDEN=32',
-      f'--gin.TASKS={tasks!r}', f'--gin.SOURCE_PROMPT_FILES={sources!r}',
-      '--gin.train.eval_period=4', '--gin.train.eval_num_examples=8')
+  t5x_here('train', *multi_run, '--gin_file=projectors/task_tuning_multi.gin',
+           f'--gin.MODEL_DIR={run}', '--gin.TRAIN_STEPS=4', '--gin.PROJECTOR_HIDDEN=32',
+           f'--gin.TASKS={tasks!r}', f'--gin.SOURCE_PROMPT_FILES={sources!r}',
+           '--gin.train.eval_period=4', '--gin.train.eval_num_examples=8')
   evals = [r for r in _metrics(run) if any(k.startswith('eval/') for k in r)][-1]
   for task in tasks:  # the mixture's copies carry task ids; both are evaluated
     assert any(k.startswith(f'eval/{task}:') for k in evals), sorted(evals)
   folder = files.numpy_checkpoint_dir(run, 4)
   assert sorted(os.listdir(folder)).count('prompt_1') == 1
-  proc = subprocess.run([sys.executable, '-m', 'prompt_transfer.cli', 'train', *multi_run,
-                         '--gin_file=projectors/task_tuning_multi.gin',
-                         f'--gin.MODEL_DIR={tmp_path / "bad"}', '--gin.TRAIN_STEPS=4',
-                         f'--gin.TASKS={tasks + [TASK]!r}', f'--gin.SOURCE_PROMPT_FILES={sources!r}'],
-                        cwd=ROOT, capture_output=True, text=True, timeout=300)
-  assert proc.returncode == 1 and '2 SOURCE_PROMPT_FILES' in proc.stderr, proc.stderr[-2000:]
-  assert '3 TASKS' in proc.stderr and 'Traceback' not in proc.stderr
+  code, err = _refused(capsys, 'train', *multi_run, '--gin_file=projectors/task_tuning_multi.gin',
+                       f'--gin.MODEL_DIR={tmp_path / "bad"}', '--gin.TRAIN_STEPS=4',
+                       f'--gin.TASKS={tasks + [TASK]!r}', f'--gin.SOURCE_PROMPT_FILES={sources!r}')
+  assert code == 1 and '2 SOURCE_PROMPT_FILES' in err and '3 TASKS' in err, err
+  assert len(err.strip().splitlines()) == 1, err
 
 
 def test_distance_minimisation_pulls_projections_to_the_target_prompts(source_prompts, tmp_path):
   run = str(tmp_path / 'distance')
-  t5x('train', *PROJECTOR_RUN, '--gin_file=projectors/distance.gin', f'--gin.MODEL_DIR={run}',
-      '--gin.TRAIN_STEPS=30', '--gin.PROJECTOR_HIDDEN=32', f"--gin.SOURCE_PROMPT_FILES=['{source_prompts['source']}']",
-      f"--gin.TARGET_PROMPT_FILES=['{source_prompts['target']}']")
+  t5x_here('train', *PROJECTOR_RUN, '--gin_file=projectors/distance.gin',
+           f'--gin.MODEL_DIR={run}', '--gin.TRAIN_STEPS=30', '--gin.PROJECTOR_HIDDEN=32',
+           f"--gin.SOURCE_PROMPT_FILES=['{source_prompts['source']}']",
+           f"--gin.TARGET_PROMPT_FILES=['{source_prompts['target']}']")
   recs = [r for r in _metrics(run) if 'loss' in r]
   # Only the distance trains (the task loss is logged, weight 0).
   assert all(r['loss'] == pytest.approx(r['losses/distance'], rel=1e-5) for r in recs)
@@ -227,10 +234,10 @@ def test_distance_minimisation_pulls_projections_to_the_target_prompts(source_pr
   assert info['training'] == 'distance'
 
 
-def test_project_by_recycling_and_refusals(source_prompts, tmp_path):
+def test_project_by_recycling_and_refusals(source_prompts, tmp_path, capsys):
   out = str(tmp_path / 'recycled')
   asset = 'pkg://assets/t5_1_1_tiny_synthetic'
-  t5x('project', source_prompts['target'], '--recycler', 'v2v-lin', '--source_checkpoint', asset,
+  t5x_here('project', source_prompts['target'], '--recycler', 'v2v-lin', '--source_checkpoint', asset,
       '--target_checkpoint', asset, '--output_dir', out)
   (name,) = os.listdir(out)
   # Same model both sides: the least-squares map is the identity.
@@ -238,8 +245,7 @@ def test_project_by_recycling_and_refusals(source_prompts, tmp_path):
                              np.load(source_prompts['target']), atol=1e-3)
   assert 'by recycler v2v-lin' in files.load_prompt_info(os.path.join(out, name, PROMPT)).origin
   # A prompt of another model than the recycler's source is refused.
-  proc = subprocess.run([sys.executable, '-m', 'prompt_transfer.cli', 'project',
-                         source_prompts['source'], '--recycler', 'v2v-lin', '--source_checkpoint',
-                         asset, '--target_checkpoint', asset, '--output_dir', out],
-                        cwd=ROOT, capture_output=True, text=True, timeout=300)
-  assert proc.returncode == 1 and 'emb_dim 128 vs 64' in proc.stderr, proc.stderr[-2000:]
+  code, err = _refused(capsys, 'project', source_prompts['source'], '--recycler', 'v2v-lin',
+                       '--source_checkpoint', asset, '--target_checkpoint', asset,
+                       '--output_dir', out)
+  assert code == 1 and 'emb_dim 128 vs 64' in err, err

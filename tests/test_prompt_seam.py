@@ -30,6 +30,7 @@ from prompt_transfer.prompts import files
 from prompt_transfer.prompts.bank import PromptBank, bank_params
 from prompt_transfer.prompts.free import free_prompt
 from prompt_transfer.training import data, stages, state as state_lib
+from tests.in_process import t5x_here
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PROMPT = files.PROMPT_FILE
@@ -181,12 +182,6 @@ ARGS = ['train', '--gin_file=runs/quickstart.gin', '--gin.TRAIN_STEPS=12', '--gi
 T5X = [sys.executable, '-m', 'prompt_transfer.cli']
 
 
-def _t5x(*args):
-  proc = subprocess.run(T5X + list(args), cwd=ROOT, capture_output=True, text=True, timeout=400)
-  assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
-  return proc.stdout
-
-
 def _prompt(model_dir, step):
   return np.load(os.path.join(files.numpy_checkpoint_dir(model_dir, step), PROMPT))
 
@@ -197,7 +192,7 @@ def staged(tmp_path_factory):
   gin_file = root / 'two_stages.gin'
   gin_file.write_text(TWO_STAGES)
   run = str(root / 'uninterrupted')
-  out = _t5x(*ARGS, f'--gin_file={gin_file}', f'--gin.MODEL_DIR={run}')
+  out = t5x_here(*ARGS, f'--gin_file={gin_file}', f'--gin.MODEL_DIR={run}').stdout
   return {'root': root, 'gin': str(gin_file), 'run': run, 'out': out}
 
 
@@ -216,7 +211,7 @@ def test_two_stage_run_changes_model_once_per_stage(staged):
     f.write(TWO_STAGES.replace('@full/stages.Stage()', '').replace(
         'partial/stages.Stage.steps = 6', '').replace(', ]', ']'))
   only = str(staged['root'] / 'partial_only')
-  _t5x(*ARGS, f'--gin_file={partial_gin}', '--gin.TRAIN_STEPS=6', f'--gin.MODEL_DIR={only}')
+  t5x_here(*ARGS, f'--gin_file={partial_gin}', '--gin.TRAIN_STEPS=6', f'--gin.MODEL_DIR={only}')
   np.testing.assert_array_equal(_prompt(only, 6), _prompt(run, 6))
   assert not np.allclose(_prompt(run, 6), _prompt(run, 12))
 
@@ -229,7 +224,7 @@ def test_the_boundary_carries_prompt_and_adafactor_state_bit_for_bit(staged, tmp
   run, copy = staged['run'], str(tmp_path / 'from_boundary')
   os.makedirs(os.path.join(copy, 'checkpoints'))
   shutil.copytree(os.path.join(run, 'checkpoints', '6'), os.path.join(copy, 'checkpoints', '6'))
-  out = _t5x(*ARGS, f'--gin_file={staged["gin"]}', f'--gin.MODEL_DIR={copy}')
+  out = t5x_here(*ARGS, f'--gin_file={staged["gin"]}', f'--gin.MODEL_DIR={copy}').stdout
   assert 'resumed from' in out and 'full: model' in out and 'partial: model' not in out
   np.testing.assert_array_equal(_prompt(copy, 12), _prompt(run, 12))
 
@@ -246,7 +241,7 @@ def test_killed_inside_stage_two_resumes_to_the_same_prompt(staged, tmp_path):
   proc.wait()
   assert os.path.exists(ckpt9), 'the run never reached step 9 (inside stage 2)'
   assert not os.path.exists(files.numpy_checkpoint_dir(d, 12))
-  out = _t5x(*ARGS, f'--gin_file={staged["gin"]}', f'--gin.MODEL_DIR={d}')
+  out = t5x_here(*ARGS, f'--gin_file={staged["gin"]}', f'--gin.MODEL_DIR={d}').stdout
   assert 'resumed from' in out and 'partial: model' not in out
   np.testing.assert_array_equal(_prompt(d, 12), _prompt(staged['run'], 12))
 
@@ -255,8 +250,9 @@ def test_a_non_default_prompt_module_is_evaluated_and_compared(tmp_path):
   """A low-rank prompt run: its numpy checkpoint holds the materialised prompt
   at encoder.prompt.prompt.prompt, which `t5x eval` and `t5x similarity` read."""
   run = str(tmp_path / 'low_rank')
-  _t5x(*ARGS, '--gin.TRAIN_STEPS=3', '--gin.train.prompt_module=@low_rank_prompt()',
-       '--gin.low_rank_prompt.length=5', '--gin.low_rank_prompt.rank=2', f'--gin.MODEL_DIR={run}')
+  t5x_here(*ARGS, '--gin.TRAIN_STEPS=3', '--gin.train.prompt_module=@low_rank_prompt()',
+           '--gin.low_rank_prompt.length=5', '--gin.low_rank_prompt.rank=2',
+           f'--gin.MODEL_DIR={run}')
   folder = files.numpy_checkpoint_dir(run, 3)
   assert sorted(os.listdir(folder)) == [PROMPT, 'encoder.prompt.prompt.u',
                                         'encoder.prompt.prompt.v', 'prompt_info.json']
@@ -265,15 +261,15 @@ def test_a_non_default_prompt_module_is_evaluated_and_compared(tmp_path):
   np.testing.assert_allclose(_prompt(run, 3), np.load(os.path.join(folder, 'encoder.prompt.prompt.u'))
                              @ np.load(os.path.join(folder, 'encoder.prompt.prompt.v')),
                              rtol=1e-5, atol=1e-6)
-  out = _t5x('eval', '--gin_file=runs/eval.gin', '--gin_file=models/t5_1_1_tiny_synthetic.gin',
-             '--gin.MIXTURE_OR_TASK_NAME=synthetic_majority_yesno',
-             "--gin.TASK_FEATURE_LENGTHS={'inputs': 64, 'targets': 4}",
-             '--gin.evaluate.num_examples=16', f'--gin.MODEL_DIR={run}')
+  out = t5x_here('eval', '--gin_file=runs/eval.gin', '--gin_file=models/t5_1_1_tiny_synthetic.gin',
+                 '--gin.MIXTURE_OR_TASK_NAME=synthetic_majority_yesno',
+                 "--gin.TASK_FEATURE_LENGTHS={'inputs': 64, 'targets': 4}",
+                 '--gin.evaluate.num_examples=16', f'--gin.MODEL_DIR={run}').stdout
   assert 'synthetic_majority_yesno/accuracy' in out
   free = str(tmp_path / 'free')
-  _t5x(*ARGS, '--gin.TRAIN_STEPS=0', f'--gin.MODEL_DIR={free}')
+  t5x_here(*ARGS, '--gin.TRAIN_STEPS=0', f'--gin.MODEL_DIR={free}')
   sim = str(tmp_path / 'sim.json')
-  _t5x('similarity', run, free, '--json', sim)
+  t5x_here('similarity', run, free, '--json', sim)
   result = json.load(open(sim))
   assert sorted(result['prompts']) == sorted(['synthetic_majority_yesno',
                                               'synthetic_majority_yesno@free'])

@@ -282,6 +282,40 @@ def test_write_failure_messages_name_the_path():
   assert write_failure(ValueError('shape mismatch')) is None
 
 
+def test_the_closed_loop_report_of_a_failed_save_is_held_back(monkeypatch):
+  """TensorStore reports a write that completes after orbax closed its event
+  loop as unraisable (a bare traceback, seen around the full-disk error under
+  load); the hook a failed save installs drops exactly that report and
+  passes others on."""
+  import asyncio  # pylint: disable=g-import-not-at-top
+  import tensorstore as ts  # pylint: disable=g-import-not-at-top
+  from prompt_transfer.training import checkpoints  # pylint: disable=g-import-not-at-top
+  seen = []
+  monkeypatch.setattr(sys, 'unraisablehook', seen.append)
+  monkeypatch.delenv('PROMPT_TRANSFER_DEBUG', raising=False)
+
+  def late_write():
+    promise, future = ts.Promise.new()
+    loop = asyncio.new_event_loop()
+
+    async def wait():
+      await future
+    task = loop.create_task(wait())
+    loop.run_until_complete(asyncio.sleep(0.01))  # awaiting: a callback to the loop
+    loop.close()
+    promise.set_result(1)  # TensorStore calls back into the closed loop
+    task._log_destroy_pending = False  # pylint: disable=protected-access
+
+  late_write()
+  assert [str(u.exc_value) for u in seen] == ['Event loop is closed']
+  checkpoints.drop_closed_loop_reports()
+  checkpoints.drop_closed_loop_reports()  # once
+  late_write()
+  import types  # pylint: disable=g-import-not-at-top
+  sys.unraisablehook(types.SimpleNamespace(exc_value=ValueError('other')))
+  assert [str(u.exc_value) for u in seen] == ['Event loop is closed', 'other']
+
+
 @contextlib.contextmanager
 def _tmpfs(path, size='3m'):
   """A small tmpfs at path (root only: skipped elsewhere)."""

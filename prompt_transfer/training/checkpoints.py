@@ -47,6 +47,27 @@ _WRITE_FAILURE = re.compile(r'No space left on device|Disk quota exceeded|Permis
                             r'Read-only file system')
 
 
+def drop_closed_loop_reports() -> None:
+  """After a failed orbax save closes its event loop, TensorStore writes
+  still in flight complete and call back into the closed loop; TensorStore
+  reports that `RuntimeError: Event loop is closed` as unraisable, a bare
+  traceback around the one error line the user should see. Drops those
+  reports (others go to the previous hook) for the rest of a run that is
+  stopping on a failed write; not with PROMPT_TRANSFER_DEBUG."""
+  import sys  # pylint: disable=g-import-not-at-top
+  previous = sys.unraisablehook
+  if os.environ.get('PROMPT_TRANSFER_DEBUG') or getattr(previous, 'drops_closed_loop', False):
+    return
+
+  def hook(unraisable: Any) -> None:
+    value = unraisable.exc_value
+    if not (isinstance(value, RuntimeError) and str(value) == 'Event loop is closed'):
+      previous(unraisable)
+
+  hook.drops_closed_loop = True
+  sys.unraisablehook = hook
+
+
 def write_failure(error: BaseException, where: Optional[str] = None) -> Optional[str]:
   """'<reason> while writing <path>' when `error` is a failed write, else None;
   `where` names the folder when the error does not say which file (orbax's
@@ -133,6 +154,8 @@ class PromptCheckpointer:
 
   def __exit__(self, exc_type: Any, exc: Optional[BaseException], tb: Any) -> None:
     failed = write_failure(exc, self.model_dir) if exc is not None else None
+    if failed:
+      drop_closed_loop_reports()  # before close() shuts orbax's event loop
     try:
       self.close()
     except Exception:  # pylint: disable=broad-except
