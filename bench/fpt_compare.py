@@ -6,8 +6,9 @@ width fractions zeroed out as the variant says), all for the same number of
 steps, evaluated on the full model every --eval_period steps. Reports each
 run's final score (mean of the last three evaluations), its training FLOPs
 (XLA's count of each stage's step, summed: `train_flops_total`) and the
-FLOPs it took to first reach the plain run's final score and 99% of it. Then the side result: partial models alone (half
-the FFN width, half the layers) trained for the whole run. Everything goes
+FLOPs it took to first reach the plain run's final score and 99% of it.
+Then the side result: partial models alone (half the FFN width, half the
+layers) trained for the whole run. Everything goes
 through `t5x train` / `t5x curves`, --jobs at a time. Prints JSON.
 
   python bench/fpt_compare.py --out /tmp/fpt --json bench/results/fpt_cpu2.json
@@ -65,13 +66,17 @@ def train(run: str, task: str, flags: list, args: argparse.Namespace) -> str:
   return run
 
 
+def final_score(values: list) -> float:
+  """Scores of 100 examples swing by +-10 between evaluations: the final
+  score is the mean of the last three."""
+  return sum(values[-3:]) / len(values[-3:])
+
+
 def summary(run: str, metric: str, levels: dict) -> dict:
   recs = records(run)
   evals = [(r['step'], r[metric], r.get('train_flops_total')) for r in recs if metric in r]
   stage = [r[f'eval_stage/{metric[5:]}'] for r in recs if f'eval_stage/{metric[5:]}' in r]
-  # Scores of 100 examples swing by +-10 between evaluations: the final score
-  # is the mean of the last three.
-  out = {'final': round(sum(v for _, v, _ in evals[-3:]) / len(evals[-3:]), 2),
+  out = {'final': round(final_score([v for _, v, _ in evals]), 2),
          'last_evals': [v for _, v, _ in evals[-3:]], 'train_flops': recs[-1]['train_flops_total'],
          'seconds': round(recs[-1]['train_seconds_total'])}
   for name, level in levels.items():
@@ -79,7 +84,7 @@ def summary(run: str, metric: str, levels: dict) -> dict:
     out[f'flops_to_{name}'] = hit[1] if hit else None
     out[f'step_to_{name}'] = hit[0] if hit else None
   if stage:
-    out['partial_model_final'] = round(sum(stage[-3:]) / len(stage[-3:]), 2)
+    out['partial_model_final'] = round(final_score(stage), 2)
   return out
 
 
@@ -107,8 +112,7 @@ def main() -> int:
   for (task, name, _), run in zip(jobs, runs):
     metric = next(k for k in records(run)[-1] if k.startswith(f'eval/{task}/'))
     plain_run = os.path.join(args.out, task, 'plain')
-    plain_evals = [r[metric] for r in records(plain_run) if metric in r][-3:]
-    plain_final = sum(plain_evals) / len(plain_evals)
+    plain_final = final_score([r[metric] for r in records(plain_run) if metric in r])
     levels = {'plain_final': plain_final, '99pct_plain_final': 0.99 * plain_final}
     result['tasks'].setdefault(task, {})[name] = summary(run, metric, levels)
   for task, rows in result['tasks'].items():

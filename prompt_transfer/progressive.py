@@ -62,11 +62,15 @@ def layer_indices(num_layers: int, keep: int) -> list:
   return [0] + list(np.cumsum(gaps).astype(int).tolist())
 
 
-def count_of(fraction: float, total: int) -> int:
-  """How many of `total` a fraction keeps (at least one)."""
+def _check_fraction(fraction: float) -> float:
   if not 0 < fraction <= 1:
     raise stages_lib.StageError(f'A fraction of the model must be in (0, 1]; got {fraction}.')
-  return max(1, int(round(fraction * total)))
+  return fraction
+
+
+def count_of(fraction: float, total: int) -> int:
+  """How many of `total` a fraction keeps (at least one)."""
+  return max(1, int(round(_check_fraction(fraction) * total)))
 
 
 def top_neurons(scores: np.ndarray, keep: int) -> np.ndarray:
@@ -163,7 +167,7 @@ def fpt_stages(schedule: Sequence[Sequence[float]], drop_decoder: Optional[bool]
       raise stages_lib.StageError(f'FPT_SCHEDULE entry {i + 1} is {entry!r}; expected '
                                   '(steps, layer fraction, width fraction).')
     steps, layers, width = entry
-    count_of(layers, 1 << 20), count_of(width, 1 << 20)  # validates both
+    _check_fraction(layers), _check_fraction(width)
     partial = layers < 1 or width < 1
     if i == len(schedule) - 1 and partial:
       raise stages_lib.StageError(f'The last FPT stage is {entry!r}; FPT ends on the full '

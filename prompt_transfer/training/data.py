@@ -42,6 +42,12 @@ def leaf_tasks(name: str) -> list:
   return list(task.tasks) if isinstance(task, seqio.Mixture) else [task]
 
 
+def original_name(task_name: str) -> str:
+  """The task a register_with_task_ids copy (`<task>:<mixture>`) was made
+  from, as the task catalogue knows it; other names unchanged."""
+  return task_name.split(':')[0]
+
+
 def check_target_length(name: str, task_feature_lengths: Mapping[str, int]) -> None:
   """Refuses a targets length that cuts a classification task's label words.
 
@@ -52,9 +58,8 @@ def check_target_length(name: str, task_feature_lengths: Mapping[str, int]) -> N
   import tasks as tasks_lib  # pylint: disable=g-import-not-at-top
   length = task_feature_lengths.get('targets')
   for leaf in leaf_tasks(name):
-    base = leaf.name.split(':')[0]  # register_with_task_ids' copies
     try:
-      words = tasks_lib.get_label_words(base)
+      words = tasks_lib.get_label_words(original_name(leaf.name))
     except ValueError:
       continue  # not a classification task of the catalogue
     feature = leaf.output_features['targets']

@@ -117,7 +117,8 @@ def train(
     data.check_features(mixture_or_task_name, passthrough, type(prompt_module()).__name__)
   # FPT's partial stages (progressive.py) drop decoder layers only for
   # generation tasks unless told otherwise.
-  stages = progressive.bind(stages, generation=_is_generation(mixture_or_task_name))
+  generation = _is_generation(mixture_or_task_name)
+  stages = progressive.bind(stages, generation=generation)
   plan = stages_lib.plan(stages, train_steps)
   model = build_model(config, prompt_module, vocabulary=vocab,  # the full model
                       task_loss_weight=task_loss_weight)
@@ -161,7 +162,7 @@ def train(
                                             eval_split, progressive.score_examples(stages),
                                             eval_batch_size or batch_size),
           write=jax.process_index() == 0)
-      stages = progressive.bind(stages, generation=_is_generation(mixture_or_task_name), scores=scores)
+      stages = progressive.bind(stages, generation=generation, scores=scores)
       plan = stages_lib.plan(stages, train_steps)
     # Restore: the train state of the newest good checkpoint, in its stage.
     stage_i = plan.index_at(checkpointer.latest_step() or 0)
@@ -270,7 +271,7 @@ def _is_generation(task_name: str) -> bool:
   import tasks as tasks_lib  # pylint: disable=g-import-not-at-top
   for leaf in data.leaf_tasks(task_name):
     try:
-      if tasks_lib.get_task_info(leaf.name.split(':')[0]).kind == 'generation':
+      if tasks_lib.get_task_info(data.original_name(leaf.name)).kind == 'generation':
         return True
     except ValueError:
       continue
