@@ -143,7 +143,7 @@ def one_seed(args: argparse.Namespace, seed: int) -> dict:
           f'--gin.train.seed={seed}')
     random_prompt[m] = prompt_of(run, 0)
   result: dict = {}
-  for src, tgt in (('tiny', 'mini'), ('mini', 'tiny')):
+  for src, tgt in (d.split('->') for d in args.directions):
     sources = [own[src][t] for t in TRAIN_TASKS]
     d = f'{src}_to_{tgt}'
     steps = args.projector_steps
@@ -241,6 +241,8 @@ def main() -> int:
   parser.add_argument('--target_steps', type=int, default=100)
   parser.add_argument('--length', type=int, default=20)
   parser.add_argument('--eval_examples', type=int, default=100)
+  parser.add_argument('--directions', nargs='+', default=['tiny->mini', 'mini->tiny'],
+                      choices=['tiny->mini', 'mini->tiny'])
   args = parser.parse_args()
   t0 = time.time()
   per_seed = [one_seed(args, s) for s in args.seeds]

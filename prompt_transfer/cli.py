@@ -120,7 +120,8 @@ def build_parser() -> argparse.ArgumentParser:
 EXTRA_COMMANDS = {'curves': 'prompt_transfer.analysis.curves',
                   'similarity': 'prompt_transfer.analysis.transfer_cli',
                   'transfer-matrix': 'prompt_transfer.analysis.transfer_cli',
-                  'project': 'prompt_transfer.analysis.project_cli'}
+                  'project': 'prompt_transfer.analysis.project_cli',
+                  'zoo': 'prompt_transfer.zoo'}
 
 
 def gin_value(text: str) -> str:
@@ -397,8 +398,11 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     from prompt_transfer.analysis.library import IncompatiblePromptError  # pylint: disable=g-import-not-at-top
     from prompt_transfer.training.run_lock import RunLockedError  # pylint: disable=g-import-not-at-top
     from prompt_transfer.projector import ProjectorError  # pylint: disable=g-import-not-at-top
+    from prompt_transfer.intrinsic import SubspaceError  # pylint: disable=g-import-not-at-top
+    from prompt_transfer.zoo import ZooError  # pylint: disable=g-import-not-at-top
     known = (PromptFileError, TrainingError, ConfigError, FileNotFoundError, DataError,
-             StageError, IncompatiblePromptError, RunLockedError, ProjectorError)
+             StageError, IncompatiblePromptError, RunLockedError, ProjectorError,
+             SubspaceError, ZooError)
     try:
       from prompt_transfer.model.checkpoint_import import CheckpointMismatchError, CheckpointReadError  # pylint: disable=g-import-not-at-top
       known += (CheckpointMismatchError, CheckpointReadError)

@@ -50,11 +50,12 @@ class ProjectorError(ValueError):
 
 
 class Frozen:
-  """A constant array as a module attribute: hashed by identity, so Flax
-  neither compares nor copies megabytes of prompt on every module use."""
+  """A constant array (or a tree of them) as a module attribute: hashed by
+  identity, so Flax neither compares nor copies megabytes of prompt on every
+  module use."""
 
   def __init__(self, value: Any):
-    self.value = np.asarray(value, np.float32)
+    self.value = jax.tree_util.tree_map(lambda x: np.asarray(x, np.float32), value)
 
   def __hash__(self) -> int:
     return id(self)
@@ -204,32 +205,23 @@ def projector_info(module: ProjectedPrompt, target_info: files.PromptInfo) -> Pr
 
 def projector_folder(path: fileio.PathLike) -> str:
   """A projector run's MODEL_DIR (its latest numpy checkpoint) or a checkpoint folder."""
-  p = epath.Path(fileio.normalize_dir(path))
-  if (p / PROJECTOR_FILE).exists():
-    return os.fspath(p)
-  step = files.latest_numpy_step(os.fspath(p)) if (p / files.NUMPY_DIR).is_dir() else None
-  if step is not None:
-    folder = epath.Path(files.numpy_checkpoint_dir(os.fspath(p), step))
-    if (folder / PROJECTOR_FILE).exists():
-      return os.fspath(folder)
-  raise ProjectorError(f'{path} is not a projector: no {PROJECTOR_FILE} in it or in its latest '
-                       'numpy checkpoint (train one with gin/projectors/*.gin).')
+  folder = files.folder_with(path, PROJECTOR_FILE)
+  if folder is None:
+    raise ProjectorError(f'{path} is not a projector: no {PROJECTOR_FILE} in it or in its '
+                         'latest numpy checkpoint (train one with gin/projectors/*.gin).')
+  return folder
 
 
 def load_projector(path: fileio.PathLike) -> Tuple[ProjectorInfo, dict]:
   """(ProjectorInfo, projector params) of a trained projector."""
   folder = epath.Path(projector_folder(path))
   info = ProjectorInfo(**json.loads((folder / PROJECTOR_FILE).read_text()))
-  prefix = 'encoder.prompt.prompt.'
-  params: dict = {}
-  for name in ('dense_in.kernel', 'dense_in.bias', 'dense_out.kernel', 'dense_out.bias') + (
-      ('layer_norm.scale', 'layer_norm.bias') if info.layer_norm else ()):
-    f = folder / (prefix + name)
-    if not f.exists():
-      raise ProjectorError(f'{folder} holds no {prefix + name}: not a complete projector.')
-    layer, leaf = name.split('.')
-    with f.open('rb') as fh:
-      params.setdefault(layer, {})[leaf] = np.load(fh)
+  names = ['dense_in.kernel', 'dense_in.bias', 'dense_out.kernel', 'dense_out.bias'] + (
+      ['layer_norm.scale', 'layer_norm.bias'] if info.layer_norm else [])
+  params = files.read_module_params(folder, names)
+  if params is None:
+    raise ProjectorError(f'{folder} lacks one of {files.MODULE_PREFIX}{{{", ".join(names)}}}: '
+                         'not a complete projector.')
   return info, params
 
 

@@ -12,6 +12,8 @@ first) registers every task and mixture:
   extraction: fewrel. QA: squad_v1, squad_v2. Summarisation: xsum.
 * spot_mixture: SPoT's large multi-task source mixture (K = 2^19).
 * Synthetic families (tasks.synthetic): synthetic_<rule>_<template>.
+* The IPT task pool (tasks.pool): pool_<rule>_<words> (+ _newdata twins),
+  44 training and 10 held-out task types.
 * Rank-classification twins (tasks.rank): <task>_rank for every
   classification task; eval splits score each label word (seqio score mode).
   `add_rank_task(name)` makes one for another task.
@@ -58,6 +60,7 @@ from tasks import qa
 from tasks import summarization
 from tasks import mixtures
 from tasks import synthetic
+from tasks import pool
 from tasks import metrics
 from tasks import preprocessors
 # Last: rank-classification twins of every classification task above.

@@ -37,7 +37,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import random
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Sequence
 
 import seqio
 import tensorflow as tf
@@ -198,30 +198,28 @@ def _spec(name: str) -> tuple[str, str]:
   return _SPEC[name]
 
 
-@functools.lru_cache(maxsize=64)
-def _generate(name: str, seed: int) -> dict[str, tuple[dict[str, Any], ...]]:
-  rule_name, template = _spec(name)
-  rule = RULES[rule_name]
-  fmt, label_words = rule.templates[template]
-  # The T5 twin gets the same examples as its byte-level task.
-  base = name[:-len(T5_SUFFIX)] if name.endswith(T5_SUFFIX) else name
-  rng = random.Random(f'{seed}/{base}')
+def make_splits(sample: Callable[[random.Random], Optional[tuple[dict[str, Any], Any]]],
+                fmt: str, label_words: Optional[tuple[str, ...]], key: str, seed: int
+                ) -> dict[str, tuple[dict[str, Any], ...]]:
+  """Disjoint, class-balanced splits (SPLIT_SIZES) of one rule and template;
+  the same (key, seed) always gives the same examples, on any machine."""
+  rng = random.Random(f'{seed}/{key}')
   seen: set[tuple[Any, ...]] = set()
   out = {}
   for split, size in SPLIT_SIZES.items():  # Later splits avoid earlier examples.
     rows = []
     while len(rows) < size:
-      sample = rule.sample(rng)
-      if sample is None:
+      drawn = sample(rng)
+      if drawn is None:
         continue
-      fields, label = sample
+      fields, label = drawn
       # Alternate the classes so every split is balanced.
       if label_words is not None and label != len(rows) % 2:
         continue
-      key = tuple(sorted(fields.items()))
-      if key in seen:
+      k = tuple(sorted(fields.items()))
+      if k in seen:
         continue
-      seen.add(key)
+      seen.add(k)
       rows.append({
           'inputs': fmt.format(**fields),
           'targets': label_words[label] if label_words else label,
@@ -232,6 +230,16 @@ def _generate(name: str, seed: int) -> dict[str, tuple[dict[str, Any], ...]]:
       rows[i], rows[j] = rows[j], rows[i]
     out[split] = tuple(rows)
   return out
+
+
+@functools.lru_cache(maxsize=64)
+def _generate(name: str, seed: int) -> dict[str, tuple[dict[str, Any], ...]]:
+  rule_name, template = _spec(name)
+  rule = RULES[rule_name]
+  fmt, label_words = rule.templates[template]
+  # The T5 twin gets the same examples as its byte-level task.
+  base = name[:-len(T5_SUFFIX)] if name.endswith(T5_SUFFIX) else name
+  return make_splits(rule.sample, fmt, label_words, base, seed)
 
 
 def generate_examples(name: str, split: str, seed: int = DEFAULT_SEED
@@ -248,7 +256,11 @@ def generate_examples(name: str, split: str, seed: int = DEFAULT_SEED
 def _dataset_fn(split: str, shuffle_files: bool, seed: Optional[int] = None, *,
                 name: str, data_seed: int) -> tf.data.Dataset:
   del shuffle_files, seed  # Data are fixed by data_seed; seqio shuffles later.
-  rows = _generate(name, data_seed)[split]
+  return rows_dataset(_generate(name, data_seed)[split])
+
+
+def rows_dataset(rows: Sequence[dict[str, Any]]) -> tf.data.Dataset:
+  """Generated examples as the dataset of a seqio source."""
   return tf.data.Dataset.from_tensor_slices({
       'inputs': tf.constant([r['inputs'] for r in rows], tf.string),
       'targets': tf.constant([r['targets'] for r in rows], tf.string),
@@ -256,17 +268,21 @@ def _dataset_fn(split: str, shuffle_files: bool, seed: Optional[int] = None, *,
   })
 
 
+def scoring(label_words: Optional[Sequence[str]]) -> tuple:
+  """(kind, metric fns, metric names, postprocess fn) of a generated task:
+  accuracy over label words, or exact-match sequence accuracy."""
+  if label_words is not None:
+    return ('classification', [metrics.accuracy], ['accuracy'],
+            metrics.make_label_postprocessor(label_words))
+  return 'generation', [metrics.sequence_accuracy], ['sequence_accuracy'], metrics.text_postprocess
+
+
 def register(name: str, vocabulary: seqio.Vocabulary,
              seed: int = DEFAULT_SEED) -> seqio.Task:
   """Registers one synthetic task (also usable for other seeds / vocabularies)."""
   rule_name, template = _spec(name)
   label_words = LABEL_WORDS[name]
-  if label_words is not None:
-    kind, metric_fns, metric_names = 'classification', [metrics.accuracy], ['accuracy']
-    postprocess = metrics.make_label_postprocessor(label_words)
-  else:
-    kind, metric_fns = 'generation', [metrics.sequence_accuracy]
-    metric_names, postprocess = ['sequence_accuracy'], metrics.text_postprocess
+  kind, metric_fns, metric_names, postprocess = scoring(label_words)
   source = seqio.FunctionDataSource(
       functools.partial(_dataset_fn, name=name, data_seed=seed),
       splits=list(SPLIT_SIZES), num_input_examples=dict(SPLIT_SIZES))

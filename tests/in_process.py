@@ -21,3 +21,19 @@ def t5x_here(*args: str) -> subprocess.CompletedProcess:
     gin.clear_config()
   assert code == 0, f't5x {" ".join(args)}: exit {code}\n{err.getvalue()[-3000:]}'
   return subprocess.CompletedProcess(args, code, out.getvalue(), err.getvalue())
+
+
+def refused_here(capsys, *args: str) -> tuple:
+  """(exit code, stderr) of a `t5x` command run in this test process that
+  is expected to stop with an error (capsys: pytest's fixture)."""
+  import gin  # pylint: disable=g-import-not-at-top
+  import pytest  # pylint: disable=g-import-not-at-top
+  from prompt_transfer import cli  # pylint: disable=g-import-not-at-top
+  gin.clear_config()
+  capsys.readouterr()
+  try:
+    with pytest.raises(SystemExit) as e:
+      cli.main(list(args))
+  finally:
+    gin.clear_config()
+  return e.value.code, capsys.readouterr().err

@@ -11,9 +11,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from prompt_transfer import cli, projector, recycling
+from prompt_transfer import projector, recycling
 from prompt_transfer.prompts import files
-from tests.in_process import t5x_here
+from tests.in_process import refused_here, t5x_here
 
 PROMPT = files.PROMPT_FILE
 LENGTHS = "--gin.TASK_FEATURE_LENGTHS={'inputs': 48, 'targets': 16}"
@@ -85,18 +85,6 @@ def test_recyclers_recover_a_linear_relation_between_embeddings():
   with pytest.raises(ValueError, match='Unknown recycler'):
     recycling.fit_recycler('magic', src, tgt)
 
-
-def _refused(capsys, *args):
-  """(exit code, stderr) of a `t5x` command expected to stop with an error."""
-  import gin  # pylint: disable=g-import-not-at-top
-  gin.clear_config()
-  capsys.readouterr()
-  try:
-    with pytest.raises(SystemExit) as e:
-      cli.main(list(args))
-  finally:
-    gin.clear_config()
-  return e.value.code, capsys.readouterr().err
 
 
 def _metrics(run):
@@ -198,7 +186,7 @@ def test_task_tuning_on_several_tasks(source_prompts, tmp_path, capsys):
   tasks = [TASK, 'synthetic_reverse_mirror']
   sources = [source_prompts['source']] * 2
   # A single task cannot feed it (its examples carry no task ids).
-  code, err = _refused(capsys, 'train', *PROJECTOR_RUN, '--gin_file=projectors/task_tuning_multi.gin',
+  code, err = refused_here(capsys, 'train', *PROJECTOR_RUN, '--gin_file=projectors/task_tuning_multi.gin',
                        f'--gin.MODEL_DIR={tmp_path / "single"}', '--gin.TRAIN_STEPS=4',
                        f'--gin.TASKS={tasks!r}', f'--gin.SOURCE_PROMPT_FILES={sources!r}')
   assert code == 1 and "reads the per-example feature 'task_ids'" in err, err
@@ -212,7 +200,7 @@ def test_task_tuning_on_several_tasks(source_prompts, tmp_path, capsys):
     assert any(k.startswith(f'eval/{task}:') for k in evals), sorted(evals)
   folder = files.numpy_checkpoint_dir(run, 4)
   assert sorted(os.listdir(folder)).count('prompt_1') == 1
-  code, err = _refused(capsys, 'train', *multi_run, '--gin_file=projectors/task_tuning_multi.gin',
+  code, err = refused_here(capsys, 'train', *multi_run, '--gin_file=projectors/task_tuning_multi.gin',
                        f'--gin.MODEL_DIR={tmp_path / "bad"}', '--gin.TRAIN_STEPS=4',
                        f'--gin.TASKS={tasks + [TASK]!r}', f'--gin.SOURCE_PROMPT_FILES={sources!r}')
   assert code == 1 and '2 SOURCE_PROMPT_FILES' in err and '3 TASKS' in err, err
@@ -245,7 +233,7 @@ def test_project_by_recycling_and_refusals(source_prompts, tmp_path, capsys):
                              np.load(source_prompts['target']), atol=1e-3)
   assert 'by recycler v2v-lin' in files.load_prompt_info(os.path.join(out, name, PROMPT)).origin
   # A prompt of another model than the recycler's source is refused.
-  code, err = _refused(capsys, 'project', source_prompts['source'], '--recycler', 'v2v-lin',
+  code, err = refused_here(capsys, 'project', source_prompts['source'], '--recycler', 'v2v-lin',
                        '--source_checkpoint', asset, '--target_checkpoint', asset,
                        '--output_dir', out)
   assert code == 1 and 'emb_dim 128 vs 64' in err, err

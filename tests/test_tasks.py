@@ -22,6 +22,7 @@ import tensorflow_datasets as tfds
 
 import tasks
 from tasks import core
+from tasks import pool
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 T5_VOCAB = REPO.parent / 'shared' / 'data' / 'google_prompt_tuning' / 'test_data' / 't5_vocab'
@@ -824,11 +825,12 @@ def test_every_registration_is_known_to_seqio_and_listed():
   assert rows['xsum'].metrics == ('rouge1', 'rouge2', 'rougeLsum')
   assert rows['stsb'].metrics == ('pearson', 'spearman')
   # Every task but the synthetic ones is exercised on data above.
-  real = {n for n in tasks.task_names()
-          if not n.startswith('synthetic_') and not n.endswith('_rank')}
+  real = {n for n in tasks.task_names() if not n.startswith(('synthetic_', 'pool_'))
+          and not n.endswith('_rank')}
   assert real == set(TFDS_TASKS) | {'semeval14_laptop', 'semeval14_restaurant',
                                     'fewrel'}
-  assert set(MIXTURES) | {'synthetic_mixture'} == set(tasks.mixture_names())
+  assert set(MIXTURES) | {'synthetic_mixture'} | set(pool.MIXTURES) == set(
+      tasks.mixture_names())
   # Every classification task has a rank-classification twin, same metrics.
   classification = {n for n in tasks.task_names() if not n.endswith('_rank')
                     and tasks.get_task_info(n).kind == 'classification'}

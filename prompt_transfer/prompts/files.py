@@ -15,7 +15,7 @@ import dataclasses
 import json
 import os
 import re
-from typing import Any, Mapping, Optional
+from typing import Any, Mapping, Optional, Sequence
 
 import numpy as np
 from etils import epath
@@ -180,6 +180,41 @@ def latest_numpy_step(model_dir: fileio.PathLike) -> Optional[int]:
   return max(steps) if steps else None
 
 
+def folder_with(path: fileio.PathLike, name: str) -> Optional[str]:
+  """The folder holding file `name`: `path` itself, or the latest numpy
+  checkpoint of the run `path` (a projector's or subspace's sidecar); None."""
+  p = epath.Path(fileio.normalize_dir(path))
+  if (p / name).exists():
+    return os.fspath(p)
+  step = latest_numpy_step(os.fspath(p)) if (p / NUMPY_DIR).is_dir() else None
+  if step is not None:
+    folder = epath.Path(numpy_checkpoint_dir(os.fspath(p), step))
+    if (folder / name).exists():
+      return os.fspath(folder)
+  return None
+
+
+MODULE_PREFIX = 'encoder.prompt.prompt.'
+
+
+def read_module_params(folder: fileio.PathLike, names: Any) -> Optional[dict]:
+  """A prompt module's saved parameters `encoder.prompt.prompt.<name>` (dotted
+  names such as 'dense_in.kernel') as a nested dict; None if one is missing."""
+  folder = epath.Path(folder)
+  params: dict = {}
+  for name in names:
+    f = folder / (MODULE_PREFIX + name)
+    if not f.exists():
+      return None
+    *path, leaf = name.split('.')
+    node = params
+    for key in path:
+      node = node.setdefault(key, {})
+    with f.open('rb') as fh:
+      node[leaf] = np.load(fh)
+  return params
+
+
 def numpy_checkpoint_problem(model_dir: fileio.PathLike, step: int) -> Optional[str]:
   """None if step's numpy checkpoint is complete and every file reads back;
   else what is wrong with it."""
@@ -226,13 +261,16 @@ def save_prompt_folder(folder: fileio.PathLike, prompt: np.ndarray, info: Prompt
 def save_numpy_checkpoint(model_dir: fileio.PathLike, step: int, prompt: Any,
                           params: Mapping[str, np.ndarray],
                           info: Optional[PromptInfo] = None,
-                          extra_files: Optional[Mapping[str, str]] = None) -> str:
+                          extra_files: Optional[Mapping[str, str]] = None,
+                          prompt_tasks: Optional[Sequence[str]] = None) -> str:
   """Writes a step's prompt(s), the module's free parameters and the sidecar.
 
   prompt: the materialised prompt, one [l, e] array (shared), a list of them
   (a per-example module's prompts: one `prompt_K/` sub-folder each), or None
   (no prompt module: model tuning). extra_files: {name: text} a prompt module
-  adds (a projector's projector.json). params: the trainable parameters by
+  adds (a projector's projector.json). prompt_tasks: the task of each of a
+  per-example module's prompts (a `task_ids` mixture's tasks), for their
+  sidecars; default `<task>#K`. params: the trainable parameters by
   dotted full path (`encoder.prompt.prompt.u`); a free prompt's own array has
   the prompt file's name and is written once. Only process 0 should call it.
   The folder appears whole or not at all. Returns the final folder.
@@ -250,8 +288,9 @@ def save_numpy_checkpoint(model_dir: fileio.PathLike, step: int, prompt: Any,
     for k, row in enumerate(prompt):
       sub = None
       if info is not None:
-        sub = dataclasses.replace(info, prompt_length=int(row.shape[0]),
-                                  task=f'{info.task}#{k}' if info.task else f'#{k}')
+        task = (prompt_tasks[k] if prompt_tasks and len(prompt_tasks) == len(prompt)
+                else f'{info.task}#{k}' if info.task else f'#{k}')
+        sub = dataclasses.replace(info, prompt_length=int(row.shape[0]), task=task)
       _write_arrays(tmp / PER_PROMPT_DIR.format(k), {PROMPT_FILE: np.asarray(row, np.float32)},
                     sub)
   if final.exists():  # a re-run of the same step replaces it

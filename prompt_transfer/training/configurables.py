@@ -14,6 +14,7 @@ from typing import Any, Optional, Sequence, Tuple
 import gin
 import optax
 
+from prompt_transfer import intrinsic
 from prompt_transfer import progressive
 from prompt_transfer import projector
 from prompt_transfer.model.config import T5Config, get_config
@@ -76,10 +77,21 @@ def task_ids_mixture(task_names: Sequence[str] = gin.REQUIRED,
   (each task's position in the list), for modules with one prompt per task
   (a prompt bank, a projector over K source prompts):
   `MIXTURE_OR_TASK_NAME = @task_ids_mixture()`."""
-  if isinstance(task_names, str):
-    task_names = [task_names]
+  if isinstance(task_names, str):  # a task, or a mixture standing for its tasks
+    task_names = [t.name for t in data.leaf_tasks(task_names)]
   name = 'task_ids_' + '_'.join(task_names)
   return data.register_with_task_ids(name, list(task_names), rates)
+
+
+@gin.configurable
+def linear_warmup_decay(peak: float = gin.REQUIRED, total_steps: int = gin.REQUIRED,
+                        warmup_fraction: float = 0.06) -> optax.Schedule:
+  """Linear warm-up to `peak` over `warmup_fraction` of the steps, then linear
+  decay to 0 (the IPT authors' schedule: transformers' linear schedule)."""
+  warmup = max(1, int(round(warmup_fraction * total_steps)))
+  return optax.join_schedules(
+      [optax.linear_schedule(0.0, peak, warmup),
+       optax.linear_schedule(peak, 0.0, max(1, total_steps - warmup))], [warmup])
 
 
 def bind_task(prompt_module: Optional[PromptModuleFactory], task: Any
@@ -112,6 +124,9 @@ for _fn in (initializers.random_uniform, initializers.from_sampled_vocab, initia
   gin.external_configurable(_fn, module='prompts')
 
 gin.external_configurable(projector.projected_prompt)
+gin.external_configurable(intrinsic.msf_autoencoder)
+gin.external_configurable(intrinsic.intrinsic_prompt)
+gin.external_configurable(intrinsic.fastfood_prompt)
 gin.external_configurable(projector.from_projector, module='prompts')
 gin.external_configurable(stages.Stage, module='stages')
 gin.external_configurable(stages.keep_layers, module='stages')

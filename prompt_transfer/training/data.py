@@ -234,4 +234,15 @@ def register_with_task_ids(name: str, task_names: Sequence[str],
     copies.append(copy)
   rates = list(rates) if rates is not None else [1.0] * len(copies)
   seqio.MixtureRegistry.add(name, list(zip(copies, rates)))
+  _TASK_ID_ORDER[name] = list(task_names)
   return name
+
+
+# Mixture name -> its tasks by id (seqio lists a mixture's tasks sorted by name).
+_TASK_ID_ORDER: dict = {}
+
+
+def tasks_by_id(name: str) -> Optional[list]:
+  """The tasks of a register_with_task_ids mixture, task id K at position K;
+  None for any other name."""
+  return _TASK_ID_ORDER.get(name)
