@@ -229,6 +229,17 @@ class IntrinsicPrompt(_PerTask, nn.Module):
   num_prompts: int = 1
   init_scale: float = 0.02
   source: str = ''  # where the decoder came from, for messages
+  # The frozen model the subspace was found on (its sidecar), checked by the
+  # trainer before training through check_frozen_weights.
+  model_name: str = ''
+  weights: str = ''
+
+  def check_frozen_weights(self, config: Any, weights: str) -> None:
+    if self.weights and weights and self.weights != weights:
+      raise SubspaceError(
+          f'The subspace {self.source} was found on {self.model_name or "a model"} (weights '
+          f'{self.weights}); this run freezes {config.name} (weights {weights}). Find one '
+          'on this model (runs/ipt_msf.gin).')
 
   @nn.compact
   def __call__(self, embedding: Array, features: Optional[Mapping[str, Array]] = None
@@ -266,7 +277,8 @@ def intrinsic_prompt(subspace_dir: Optional[str] = None, length: Optional[int] =
         raise SubspaceError(f'{what} is {given}; the subspace {source} has {has}.')
     return functools.partial(IntrinsicPrompt, decoder=Frozen(params), length=info.length,
                              dim=info.dim, hidden=info.hidden, num_prompts=num_prompts,
-                             init_scale=init_scale, source=source)
+                             init_scale=init_scale, source=source,
+                             model_name=info.model.get('name', ''), weights=info.weights)
   if length is None or dim is None:
     raise SubspaceError('A random subspace needs the prompt length and its dimension '
                         '(intrinsic_prompt.length, intrinsic_prompt.dim).')

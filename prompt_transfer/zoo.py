@@ -37,7 +37,9 @@ from etils import epath
 from prompt_transfer import fileio
 from prompt_transfer.prompts import files
 
-HELP = 'Train one prompt per task (a prompt zoo) with the same gin files and flags.'
+HELP = ('Train one prompt per task (a prompt zoo) with the same gin files and flags: '
+        'ZOO/<task>/ each, resumable, several commands may share one ZOO. --gin.NAME=VALUE '
+        'flags go to every run (MODEL_DIR and MIXTURE_OR_TASK_NAME are set per task).')
 ENTRY_FILE = 'zoo_entry.json'
 INDEX_FILE = 'zoo.json'
 # Set per task by the zoo; the user's flags must not set them.

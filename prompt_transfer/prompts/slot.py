@@ -20,7 +20,10 @@ prompt-tuning checkpoints. It is called as
 A module adds a named auxiliary loss term with `self.sow('losses', name,
 scalar)`: the model's training loss adds every sown term and metrics.jsonl
 logs each as `losses/<name>`. A module serving several prompts (one per
-task id) says how many with a `num_prompts` attribute.
+task id) says how many with a `num_prompts` attribute. A module bound to one
+frozen model's weights (an IPT subspace) may define
+`check_frozen_weights(config, weights_fingerprint)`, which the trainer calls
+before a new run trains, to refuse other weights.
 """
 from __future__ import annotations
 

@@ -250,8 +250,13 @@ def perf_flops(setup: TrainSetup, use_dropout: bool, jitted: Callable, *args: An
 def _warn_if_other_weights(prompt_module: Optional[PromptModuleFactory],
                            setup: TrainSetup, config: T5Config) -> None:
   """A prompt started from a file (prompts/from_file.gin) whose sidecar names
-  other frozen weights of the same shape loads fine: say so once."""
+  other frozen weights of the same shape loads fine: say so once. A prompt
+  module bound to one model's weights (`check_frozen_weights`) refuses others."""
   from prompt_transfer.analysis import library  # pylint: disable=g-import-not-at-top
+  module = prompt_module() if prompt_module is not None else None
+  if hasattr(module, 'check_frozen_weights'):  # e.g. an IPT subspace found on a model
+    module.check_frozen_weights(config, files.weights_fingerprint(
+        partitioning.to_host(setup.frozen['token_embedder']['embedding'])))
   init = getattr(prompt_module, 'keywords', {}).get('init')
   path = getattr(init, 'prompt_file', None)
   info = files.load_prompt_info(path) if path else None
