@@ -29,6 +29,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
 from typing import List, Optional, Sequence
 
@@ -217,21 +218,23 @@ def run(args: argparse.Namespace, gin_bindings: Sequence[str]) -> int:
   print(f'[prompt-transfer] zoo {args.output_dir}: {len(task_list)} tasks, '
         f'{args.jobs} at a time', flush=True)
 
-  def one(task: str) -> str:
+  lock = threading.Lock()
+
+  def one(task: str) -> None:
     t = time.time()
     s = build_one(args, gin_bindings, task, settings)
-    done = sum(v != 'locked' for v in status.values()) + 1
-    print(f'[prompt-transfer] zoo {done}/{len(task_list)} {task}: {s} '
+    with lock:  # --jobs: tasks finish in any order
+      status[task] = s
+      n = len(status)
+    print(f'[prompt-transfer] zoo {n}/{len(task_list)} {task}: {s} '
           f'({time.time() - t:.0f} s)', flush=True)
-    return s
 
   if args.jobs > 1:
     with concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:
-      for task, s in zip(task_list, pool.map(one, task_list)):
-        status[task] = s
+      list(pool.map(one, task_list))
   else:
     for task in task_list:
-      status[task] = one(task)
+      one(task)
   index = write_index(args.output_dir)
   locked = [t for t, s in status.items() if s == 'locked']
   print(f'[prompt-transfer] zoo {args.output_dir}: {len(index)} prompts '
