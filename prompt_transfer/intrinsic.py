@@ -104,7 +104,7 @@ def _select(prompts: Array, features: Optional[Mapping[str, Array]], who: str) -
 # ---------------------------------------------------------------------------
 # MSF: the auto-encoder over the zoo's prompts.
 # ---------------------------------------------------------------------------
-class SubspaceAutoencoder(nn.Module):
+class SubspaceAutoencoder(_PerTask, nn.Module):
   """K zoo prompts [K, L, d] -> encode -> r numbers each -> decode -> [K, L, d]."""
   sources: Frozen
   dim: int = 5
@@ -116,10 +116,6 @@ class SubspaceAutoencoder(nn.Module):
   @property
   def num_prompts(self) -> int:
     return int(self.sources.value.shape[0])
-
-  @property
-  def per_example_features(self) -> Tuple[str, ...]:
-    return (TASK_IDS,) if self.num_prompts > 1 else ()
 
   def extra_files(self, info: files.PromptInfo) -> dict:
     k, length, width = self.sources.value.shape

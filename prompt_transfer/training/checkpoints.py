@@ -136,13 +136,6 @@ def prompt_info(model: EncoderDecoderModel, task: str, vocabulary: Any) -> files
                           module=type(module).__name__ if module is not None else '')
 
 
-def _prompt_tasks(name: str) -> Optional[list]:
-  """The tasks of a `task_ids` mixture in id order (a per-example module's
-  prompt K serves task K), or None for anything else."""
-  from prompt_transfer.training import data  # pylint: disable=g-import-not-at-top
-  return data.tasks_by_id(name)
-
-
 class PromptCheckpointer:
   """orbax train state + numpy prompt + sidecar for one MODEL_DIR.
 
@@ -275,5 +268,7 @@ class PromptCheckpointer:
       info.param_shapes = {k: list(v.shape) for k, v in flat.items()}
     module = model.prompt_module() if model.prompt_module is not None else None
     extra = module.extra_files(info) if hasattr(module, 'extra_files') else None
+    from prompt_transfer.training import data  # pylint: disable=g-import-not-at-top
+    # A per-example module's prompt K serves task K of a task_ids mixture.
     files.save_numpy_checkpoint(self.model_dir, step, prompt, flat, info, extra,
-                                _prompt_tasks(info.task) if isinstance(prompt, list) else None)
+                                data.tasks_by_id(info.task) if isinstance(prompt, list) else None)
