@@ -32,13 +32,15 @@ setuptools.setup(
         'scipy',
         'scikit-learn',
         'rouge-score',
+        'aiohttp>=3.9',  # t5x serve: the HTTP server and its micro-batching event loop
         'matplotlib',
         'tensorboard',
     ],
     extras_require={
         # torch's CPU build is what the parity tests compare against.
         # gcsfs + a local GCS emulator: the gs:// MODEL_DIR / PROMPT_FILE test.
-        'test': ['pytest>=8', 'pytest-xdist', 'torch==2.13.0', 'transformers>=4.40',
+        # peft: the PEFT prompt-adapter interchange tests (tests/test_peft_format.py).
+        'test': ['pytest>=8', 'pytest-xdist', 'torch==2.13.0', 'transformers>=4.40', 'peft>=0.4',
                  'gcsfs', 'gcp-storage-emulator'],
         'bench': ['torch==2.13.0', 'transformers>=4.40', 'peft', 'psutil'],
     },

@@ -112,7 +112,10 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument('--filter', default='', help='Only names containing this text.')
   for name, module in EXTRA_COMMANDS.items():
     mod = importlib.import_module(module)
-    mod.add_arguments(sub.add_parser(name, help=mod.HELP, description=mod.HELP))
+    # A module serving several commands gives each its own help and flags.
+    text = getattr(mod, 'HELPS', {}).get(name, mod.HELP)
+    getattr(mod, 'ARGUMENTS', {}).get(name, mod.add_arguments)(
+        sub.add_parser(name, help=text, description=text))
   return parser
 
 
@@ -121,7 +124,10 @@ EXTRA_COMMANDS = {'curves': 'prompt_transfer.analysis.curves',
                   'similarity': 'prompt_transfer.analysis.transfer_cli',
                   'transfer-matrix': 'prompt_transfer.analysis.transfer_cli',
                   'project': 'prompt_transfer.analysis.project_cli',
-                  'zoo': 'prompt_transfer.zoo'}
+                  'zoo': 'prompt_transfer.zoo',
+                  'serve': 'prompt_transfer.serve',
+                  'export-prompt': 'prompt_transfer.analysis.interchange_cli',
+                  'import-prompt': 'prompt_transfer.analysis.interchange_cli'}
 
 
 def gin_value(text: str) -> str:
@@ -400,9 +406,10 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     from prompt_transfer.projector import ProjectorError  # pylint: disable=g-import-not-at-top
     from prompt_transfer.intrinsic import SubspaceError  # pylint: disable=g-import-not-at-top
     from prompt_transfer.zoo import ZooError  # pylint: disable=g-import-not-at-top
+    from prompt_transfer.prompts.peft_format import PeftAdapterError  # pylint: disable=g-import-not-at-top
     known = (PromptFileError, TrainingError, ConfigError, FileNotFoundError, DataError,
              StageError, IncompatiblePromptError, RunLockedError, ProjectorError,
-             SubspaceError, ZooError)
+             SubspaceError, ZooError, PeftAdapterError)
     try:
       from prompt_transfer.model.checkpoint_import import CheckpointMismatchError, CheckpointReadError  # pylint: disable=g-import-not-at-top
       known += (CheckpointMismatchError, CheckpointReadError)

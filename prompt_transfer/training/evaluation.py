@@ -17,6 +17,7 @@ import numpy as np
 from etils import epath
 
 from prompt_transfer import fileio
+from prompt_transfer.model.config import ConfigError
 from prompt_transfer.model.models import EncoderDecoderModel, Params
 from prompt_transfer.training import data
 
@@ -59,12 +60,14 @@ def make_score_fn(model: EncoderDecoderModel, params: Params, batch_size: int
 
 
 def run_evaluation(evaluator: Any, model: EncoderDecoderModel, params: Params,
-                   batch_size: int, step: Optional[int] = None) -> dict:
-  """Runs the task metrics -> {'task/metric': value} (floats)."""
+                   batch_size: int, step: Optional[int] = None, outputs: Any = None) -> dict:
+  """Runs the task metrics -> {'task/metric': value} (floats). outputs: the
+  model outputs already computed (many_prompts.MixedOutputs), else the model
+  runs task by task."""
   future, _ = evaluator.evaluate(
       compute_metrics=True, step=step,
-      predict_fn=make_predict_fn(model, params, batch_size),
-      score_fn=make_score_fn(model, params, batch_size))
+      predict_fn=outputs.predict_fn if outputs else make_predict_fn(model, params, batch_size),
+      score_fn=outputs.score_fn if outputs else make_score_fn(model, params, batch_size))
   results = future.result() if hasattr(future, 'result') else future
   flat = {}
   for task, metrics in (results or {}).items():
@@ -83,13 +86,18 @@ def _is_rank_task(task: Any) -> bool:
 
 
 def write_predictions(path: str, evaluator: Any, model: EncoderDecoderModel,
-                      params: Params, batch_size: int, num_decodes: int = 1) -> int:
+                      params: Params, batch_size: int, num_decodes: int = 1,
+                      outputs: Any = None) -> int:
   """Writes JSON lines {task, inputs, targets, prediction}, one per example.
 
   Generation tasks are decoded. Rank twins (`<task>_rank`) are scored instead:
   one line per original example (not per candidate row) whose prediction is
   the best-scoring label word, with every candidate's log-likelihood.
+  outputs: precomputed model outputs (many_prompts.MixedOutputs).
   """
+  predict_fn = outputs.predict_fn if outputs else make_predict_fn(model, params, batch_size,
+                                                                  num_decodes)
+  score_fn = outputs.score_fn if outputs else make_score_fn(model, params, batch_size)
   lines = []
   for task in evaluator.eval_tasks:
     ds = evaluator.cached_model_datasets[task.name]
@@ -97,7 +105,7 @@ def write_predictions(path: str, evaluator: Any, model: EncoderDecoderModel,
     inputs_vocab = task.output_features['inputs'].vocabulary
     rows = evaluator.cached_task_datasets[task.name].as_numpy_iterator()
     if _is_rank_task(task):
-      scores = dict(make_score_fn(model, params, batch_size)(ds))
+      scores = dict(score_fn(ds))
       examples: dict = {}  # idx -> line, in first-seen order
       for i, ex in enumerate(rows):
         line = examples.setdefault(int(ex['idx']), {
@@ -110,7 +118,7 @@ def write_predictions(path: str, evaluator: Any, model: EncoderDecoderModel,
       for line in examples.values():
         lines.append(json.dumps(line))
       continue
-    preds = dict(make_predict_fn(model, params, batch_size, num_decodes)(ds))
+    preds = dict(predict_fn(ds))
     for i, ex in enumerate(rows):
       lines.append(json.dumps({
           'task': task.name,
@@ -219,13 +227,20 @@ def evaluate(model_dir: Optional[str] = None, mixture_or_task_name: str = gin.RE
              prompt_file: Optional[str] = None, checkpoint_path: Optional[str] = None,
              split: str = 'validation', batch_size: int = 32,
              num_examples: Optional[int] = None, model_seed: int = 0,
-             output_file: Optional[str] = None, allow_no_prompt: bool = False) -> dict:
+             output_file: Optional[str] = None, allow_no_prompt: bool = False,
+             prompt_library: Any = None) -> dict:
   """Evaluates a prompt (PROMPT_FILE, or MODEL_DIR's latest numpy checkpoint;
   neither: an error unless allow_no_prompt, the frozen model's zero-shot score).
+  With PROMPT_LIBRARY (folders or files of prompts), every task of the mixture
+  is evaluated with the library's prompt for it, in batches mixing the tasks.
 
   Prints and returns {'task/metric': value}; writes it as JSON to output_file
   (default MODEL_DIR/eval_<split>.json).
   """
+  if prompt_library:
+    return _evaluate_library(prompt_library, mixture_or_task_name, task_feature_lengths,
+                             checkpoint_path, split, batch_size, num_examples, model_seed,
+                             output_file, model_dir or prompt_file)
   if not (model_dir or prompt_file or allow_no_prompt):
     raise FileNotFoundError(
         't5x eval needs a prompt: --gin.MODEL_DIR=\\"/run\\" (its latest numpy checkpoint) or '
@@ -254,8 +269,25 @@ def infer(model_dir: Optional[str] = None, mixture_or_task_name: str = gin.REQUI
           prompt_file: Optional[str] = None, checkpoint_path: Optional[str] = None,
           split: str = 'validation', batch_size: int = 32, num_decodes: int = 1,
           num_examples: Optional[int] = None, model_seed: int = 0,
-          output_file: Optional[str] = None) -> str:
-  """Decodes a split and writes JSON lines {task, inputs, targets, prediction}."""
+          output_file: Optional[str] = None, prompt_library: Any = None) -> str:
+  """Decodes a split and writes JSON lines {task, inputs, targets, prediction}.
+  With PROMPT_LIBRARY: every task of the mixture with its own prompt from the
+  library, in batches mixing the tasks."""
+  if prompt_library:
+    if model_dir or prompt_file:
+      raise ConfigError('PROMPT_LIBRARY names the prompts; leave MODEL_DIR and PROMPT_FILE unset.')
+    task = data.get_task(mixture_or_task_name)
+    bank = _library_bank(prompt_library, checkpoint_path, model_seed,
+                         task.output_features['targets'].vocabulary)
+    evaluator = data.build_evaluator(task.name, task_feature_lengths, split, num_examples)
+    from prompt_transfer import many_prompts  # pylint: disable=g-import-not-at-top
+    outputs = many_prompts.mixed_outputs(evaluator, bank, batch_size, num_decodes)
+    output_file = output_file or f'predictions_{split}.jsonl'
+    n = write_predictions(output_file, evaluator, bank.model, bank.params, batch_size,
+                          num_decodes, outputs)
+    print(f'[prompt-transfer] wrote {n} predictions of {len(evaluator.eval_tasks)} tasks '
+          f'({len(bank.names)} prompts, mixed batches) to {output_file}', flush=True)
+    return output_file
   task = data.get_task(mixture_or_task_name)
   model, params, _ = load_prompted_model(
       prompt_file, model_dir, checkpoint_path, model_seed,
@@ -266,3 +298,39 @@ def infer(model_dir: Optional[str] = None, mixture_or_task_name: str = gin.REQUI
   n = write_predictions(output_file, evaluator, model, params, batch_size, num_decodes)
   print(f'[prompt-transfer] wrote {n} predictions to {output_file}', flush=True)
   return output_file
+
+
+def _library_bank(prompt_library: Any, checkpoint_path: Optional[str], model_seed: int,
+                  vocabulary: Any) -> Any:
+  from prompt_transfer import many_prompts  # pylint: disable=g-import-not-at-top
+  from prompt_transfer.model.pretrained import load_frozen_params  # pylint: disable=g-import-not-at-top
+  from prompt_transfer.training import configurables  # pylint: disable=g-import-not-at-top
+  config = configurables.model_config()
+  paths = [prompt_library] if isinstance(prompt_library, str) else list(prompt_library)
+  frozen = load_frozen_params(config, checkpoint_path, model_seed)
+  return many_prompts.load_bank(paths, config, frozen, vocabulary)
+
+
+def _evaluate_library(prompt_library: Any, mixture_or_task_name: str,
+                      task_feature_lengths: Mapping[str, int], checkpoint_path: Optional[str],
+                      split: str, batch_size: int, num_examples: Optional[int],
+                      model_seed: int, output_file: Optional[str], single: Any) -> dict:
+  """`t5x eval` with PROMPT_LIBRARY: each task with its own prompt, mixed batches."""
+  if single:
+    raise ConfigError('PROMPT_LIBRARY names the prompts; leave MODEL_DIR and PROMPT_FILE unset.')
+  from prompt_transfer import many_prompts  # pylint: disable=g-import-not-at-top
+  task = data.get_task(mixture_or_task_name)
+  bank = _library_bank(prompt_library, checkpoint_path, model_seed,
+                       task.output_features['targets'].vocabulary)
+  evaluator = data.build_evaluator(task.name, task_feature_lengths, split, num_examples)
+  outputs = many_prompts.mixed_outputs(evaluator, bank, batch_size)
+  results = run_evaluation(evaluator, bank.model, bank.params, batch_size, outputs=outputs)
+  used = {t.name: bank.sources[bank.prompt_for_task(t.name)] for t in evaluator.eval_tasks}
+  print(f'[prompt-transfer] eval of {len(used)} tasks, each with its own prompt, in mixed '
+        f'batches ({split}): ' + ', '.join(f'{k} {v:.4g}' for k, v in sorted(results.items())),
+        flush=True)
+  if output_file:
+    fileio.makedirs_for(output_file)
+    fileio.atomic_write_text(output_file, json.dumps(
+        {'prompts': used, 'task': task.name, 'split': split, 'metrics': results}, indent=1))
+  return results
