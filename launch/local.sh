@@ -7,10 +7,11 @@
 #
 # Process i gets --coordinator_address=localhost:P --process_count=N
 # --process_index=i. CPU processes talk through gloo collectives. Exits non-zero
-# if any process fails; Ctrl-C or a failure stops them all.
+# if any process fails (75: preempted, checkpointed; rerun to resume); Ctrl-C or
+# a failure stops them all.
 set -euo pipefail
 
-usage() { sed -n '2,10p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,11p' "$0" | sed 's/^# \{0,1\}//'; }
 if [[ $# -lt 1 || "$1" == "-h" || "$1" == "--help" ]]; then usage; exit 0; fi
 N="$1"; shift
 DRY=0; PORT="${PORT:-}"
@@ -40,13 +41,26 @@ if [[ $DRY -eq 1 ]]; then printf '%s\n' "${cmds[@]}"; exit 0; fi
 
 pids=()
 cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; }
-trap cleanup INT TERM
+# Ctrl-C stops every process; SIGTERM (a preemption) is passed on, and the
+# processes checkpoint at one agreed step and exit 75, which this script
+# returns too (run it again to resume).
+trap cleanup INT
+trap 'for p in "${pids[@]}"; do kill -TERM "$p" 2>/dev/null || true; done' TERM
 for ((i = 0; i < N; i++)); do
   $T5X "$@" --coordinator_address="localhost:$PORT" --process_count="$N" --process_index="$i" &
   pids+=($!)
 done
+set +e
 status=0
 for p in "${pids[@]}"; do
-  if ! wait "$p"; then status=1; cleanup; fi
+  while :; do  # a trapped signal ends `wait` early: wait again until the process is gone
+    wait "$p"; rc=$?
+    kill -0 "$p" 2>/dev/null || break
+  done
+  if [[ $rc -eq 75 ]]; then
+    [[ $status -ne 0 ]] || status=75
+  elif [[ $rc -ne 0 ]]; then
+    status=1; cleanup
+  fi
 done
 exit $status

@@ -395,37 +395,47 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
   except UsageError as e:
     print(f't5x: error: {e}', file=sys.stderr)
     code = 2
-  except Exception as e:  # errors we raise on purpose carry their own message
-    from prompt_transfer.model.config import ConfigError  # pylint: disable=g-import-not-at-top
-    from prompt_transfer.prompts.files import PromptFileError  # pylint: disable=g-import-not-at-top
-    from prompt_transfer.training.data import DataError  # pylint: disable=g-import-not-at-top
-    from prompt_transfer.training.stages import StageError  # pylint: disable=g-import-not-at-top
-    from prompt_transfer.training.state import TrainingError  # pylint: disable=g-import-not-at-top
-    from prompt_transfer.analysis.library import IncompatiblePromptError  # pylint: disable=g-import-not-at-top
-    from prompt_transfer.training.run_lock import RunLockedError  # pylint: disable=g-import-not-at-top
-    from prompt_transfer.projector import ProjectorError  # pylint: disable=g-import-not-at-top
-    from prompt_transfer.intrinsic import SubspaceError  # pylint: disable=g-import-not-at-top
-    from prompt_transfer.zoo import ZooError  # pylint: disable=g-import-not-at-top
-    from prompt_transfer.prompts.peft_format import PeftAdapterError  # pylint: disable=g-import-not-at-top
-    known = (PromptFileError, TrainingError, ConfigError, FileNotFoundError, DataError,
-             StageError, IncompatiblePromptError, RunLockedError, ProjectorError,
-             SubspaceError, ZooError, PeftAdapterError)
-    try:
-      from prompt_transfer.model.checkpoint_import import CheckpointMismatchError, CheckpointReadError  # pylint: disable=g-import-not-at-top
-      known += (CheckpointMismatchError, CheckpointReadError)
-    except ImportError:
-      pass
-    # OSError: a path that cannot be written or read (permissions, a file where
-    # a folder should be, a full disk); its message names the path.
-    if isinstance(e, known + (OSError,)) or (isinstance(e, ValueError) and
-                                             'not registered' in str(e)):
-      if os.environ.get('PROMPT_TRANSFER_DEBUG'):
-        raise
-      print(f't5x: error: {one_line(e)}', file=sys.stderr)
-      code = 1
-    else:
-      raise
+  except Exception as e:  # pylint: disable=broad-except  # sorted by _exit_code
+    code = _exit_code(e)
   sys.exit(code)
+
+
+def _exit_code(e: Exception) -> int:
+  """A preempted run: its line, PREEMPTED_EXIT_CODE (the launchers run it again).
+  Errors we raise on purpose: their own message on one line, exit 1. Anything
+  else is a bug: re-raised with its traceback."""
+  from prompt_transfer.training.preemption import PREEMPTED_EXIT_CODE, Preempted  # pylint: disable=g-import-not-at-top
+  if isinstance(e, Preempted):
+    print(f'[prompt-transfer] {e}', file=sys.stderr, flush=True)
+    return PREEMPTED_EXIT_CODE
+  from prompt_transfer.model.config import ConfigError  # pylint: disable=g-import-not-at-top
+  from prompt_transfer.prompts.files import PromptFileError  # pylint: disable=g-import-not-at-top
+  from prompt_transfer.training.data import DataError  # pylint: disable=g-import-not-at-top
+  from prompt_transfer.training.stages import StageError  # pylint: disable=g-import-not-at-top
+  from prompt_transfer.training.state import TrainingError  # pylint: disable=g-import-not-at-top
+  from prompt_transfer.analysis.library import IncompatiblePromptError  # pylint: disable=g-import-not-at-top
+  from prompt_transfer.training.run_lock import RunLockedError  # pylint: disable=g-import-not-at-top
+  from prompt_transfer.projector import ProjectorError  # pylint: disable=g-import-not-at-top
+  from prompt_transfer.intrinsic import SubspaceError  # pylint: disable=g-import-not-at-top
+  from prompt_transfer.zoo import ZooError  # pylint: disable=g-import-not-at-top
+  from prompt_transfer.prompts.peft_format import PeftAdapterError  # pylint: disable=g-import-not-at-top
+  known = (PromptFileError, TrainingError, ConfigError, FileNotFoundError, DataError,
+           StageError, IncompatiblePromptError, RunLockedError, ProjectorError,
+           SubspaceError, ZooError, PeftAdapterError)
+  try:
+    from prompt_transfer.model.checkpoint_import import CheckpointMismatchError, CheckpointReadError  # pylint: disable=g-import-not-at-top
+    known += (CheckpointMismatchError, CheckpointReadError)
+  except ImportError:
+    pass
+  # OSError: a path that cannot be written or read (permissions, a file where
+  # a folder should be, a full disk); its message names the path.
+  if isinstance(e, known + (OSError,)) or (isinstance(e, ValueError) and
+                                           'not registered' in str(e)):
+    if os.environ.get('PROMPT_TRANSFER_DEBUG'):
+      raise e
+    print(f't5x: error: {one_line(e)}', file=sys.stderr)
+    return 1
+  raise e
 
 
 def one_line(error: BaseException) -> str:

@@ -395,6 +395,13 @@ with open(os.environ['FAKE_SLURM_LOG'], 'a') as f:
 while args[0].startswith('--'):
   args = args[1:]
 nodes, per_node = int(os.environ['SLURM_JOB_NUM_NODES']), int(os.environ['SLURM_NTASKS_PER_NODE'])
+import signal
+got_usr1 = []
+def on_usr1(*_):  # srun forwards USR1 to the tasks; they checkpoint and exit 75
+  got_usr1.append(1)
+  with open(os.environ['FAKE_SLURM_LOG'], 'a') as f:
+    f.write('srun forwarded USR1\\n')
+signal.signal(signal.SIGUSR1, on_usr1)
 open(os.environ['FAKE_SLURM_LOG'] + '.started', 'w').close()
 time.sleep(float(os.environ.get('FAKE_SRUN_SLEEP', '0')))
 rc = 0
@@ -475,7 +482,9 @@ def test_slurm_batch_script_requeues_near_the_time_limit(fake_slurm):
   job.send_signal(signal.SIGUSR1)          # what --signal=B:USR1@300 sends
   out, _ = job.communicate(timeout=20)
   assert job.returncode == 0, out          # waited for srun to finish
-  assert 'scontrol requeue 4242' in (tmp / 'slurm.log').read_text()
+  log = (tmp / 'slurm.log').read_text()
+  # The tasks heard it (to checkpoint) before the job was requeued.
+  assert log.index('srun forwarded USR1') < log.index('scontrol requeue 4242'), log
   runs = [json.loads(l) for l in open(tmp / 't5x.log')]
   assert [r['argv'][1] for r in runs] == ['--coordinator_address=gpu-node07:31337'] * 2
 

@@ -33,6 +33,7 @@ from prompt_transfer.training import perf
 from prompt_transfer.training import stages as stages_lib
 from prompt_transfer.training import step as step_lib
 from prompt_transfer.training.logger import StepLogger, log
+from prompt_transfer.training.preemption import Preempted, PreemptionWatch
 from prompt_transfer.training.run_lock import RunLock
 from prompt_transfer.training.state import (PROMPT_PARAMS, TrainingError, TrainSetup,
                                             prompt_tuning_optimizer, set_up)
@@ -201,7 +202,7 @@ def train(
       return out
 
     with StepLogger(model_dir, start_step, train_steps, batch_size, lr_fn,
-                    tensorboard) as logger:
+                    tensorboard) as logger, PreemptionWatch() as preemption:
       if eval_at_start and evaluator and start_step == 0 and train_steps > 0:
         logger.write(0, evaluate_now(setup, 0))  # how good the initial prompt already is
       batches = data.train_dataset(mixture_or_task_name, task_feature_lengths, batch_size,
@@ -235,6 +236,13 @@ def train(
           logger.write(done, last)
         if done % checkpoint_period == 0 or done == train_steps or stage_end:
           checkpointer.save(done, setup.state, setup.model, setup.frozen, last)
+        # Asked on every process after every step (JAX's sync point needs it).
+        if preemption.reached(done) and done < train_steps:
+          if checkpointer.latest_step() != done:
+            last = logger.record(done, metrics, checkpointer.latest_step())
+            logger.write(done, last)
+            checkpointer.save(done, setup.state, setup.model, setup.frozen, last)
+          raise Preempted(done, model_dir)
       if start_step >= train_steps and evaluator:
         last = evaluator(setup, start_step)
   return last
