@@ -24,14 +24,19 @@
 #                            a git URL is cloned on every worker instead
 #   --git-ref REF            branch or tag to clone with a git URL --repo
 #   --jax SPEC               JAX to install on the workers (default: jax[tpu])
-#   --model-dir DIR          adds --gin.MODEL_DIR; a gs://BUCKET/PATH is mounted with gcsfuse
-#                            on every worker at /mnt/gcs/BUCKET, so all workers share it and
-#                            it outlives the VM (needed to resume after a preemption)
+#   --model-dir DIR          adds --gin.MODEL_DIR; give a gs://BUCKET/PATH: every worker
+#                            writes it directly (the trainer speaks gs://), all workers share
+#                            it and it outlives the VM (needed to resume after a preemption)
+#   --gcsfuse                mount the --model-dir bucket with gcsfuse at /mnt/gcs/BUCKET
+#                            instead (not recommended: a rename there is copy-then-delete, so
+#                            checkpoint commits are not atomic)
+#   --internal-ip            ssh/scp to the workers' internal IPs (projects without external IPs)
 #   --max-restarts N         recreate/rerun at most N times after a failure (default: 5)
 #   --retry-wait SECONDS     pause before each restart (default: 60)
 #   --create-flag FLAG       extra flag for `gcloud compute tpus tpu-vm create` (repeatable),
 #                            e.g. --create-flag=--service-account=SA --create-flag=--network=N
-#   --delete-when-done       delete the VM after the run succeeds
+#   --delete-when-done       delete the VM when the script ends, also after a failure (a
+#                            stopped run does not keep a billed VM)
 #   --dry-run                print every command, run nothing
 #   -h, --help               this help
 # Everything after `--` is passed to `t5x` unchanged (quoted for the remote shell).
@@ -44,6 +49,7 @@ log() { echo "[$PROG] $*" >&2; }
 
 NAME=""; ZONE=""; ACCEL=""; VERSION=""; PROJECT=""; CAPACITY=""; REUSE=0; REPO=""; GIT_REF=""
 CREATE_FLAGS=(); JAX_SPEC="jax[tpu]"; MODEL_DIR=""; MAX_RESTARTS=5; RETRY_WAIT=60; DELETE_WHEN_DONE=0; DRY=0
+GCSFUSE=0; INTERNAL_IP=0
 T5X_ARGS=()
 
 need_value() { [[ $# -ge 2 && -n "$2" && "$2" != --* ]] || die_usage "$1 needs a value"; }
@@ -70,6 +76,8 @@ while [[ $# -gt 0 ]]; do
     --create-flag) [[ $# -ge 2 && -n "$2" ]] || die_usage "--create-flag needs a value"
       CREATE_FLAGS+=("$2"); shift 2 ;;
     --delete-when-done) DELETE_WHEN_DONE=1; shift ;;
+    --gcsfuse) GCSFUSE=1; shift ;;
+    --internal-ip) INTERNAL_IP=1; shift ;;
     --dry-run) DRY=1; shift ;;
     --) shift; T5X_ARGS=("$@"); break ;;
     *) die_usage "unknown option '$1' (t5x arguments go after --)" ;;
@@ -86,10 +94,13 @@ missing=()
 [[ "$RETRY_WAIT" =~ ^[0-9]+$ ]] || die_usage "--retry-wait must be a number of seconds, got '$RETRY_WAIT'"
 [[ -z "$GIT_REF" || -n "$REPO" ]] || die_usage "--git-ref needs a git URL --repo"
 
+case "$ACCEL" in
+  v5e-*) die_usage "'$ACCEL' is not a Cloud TPU accelerator type: v5e slices are v5litepod-N (e.g. v5litepod-8)" ;;
+esac
 if [[ -z "$VERSION" ]]; then
   case "$ACCEL" in
     v2-*|v3-*|v4-*) VERSION=tpu-ubuntu2204-base ;;
-    v5litepod-*|v5e-*) VERSION=v2-alpha-tpuv5-lite ;;
+    v5litepod-*) VERSION=v2-alpha-tpuv5-lite ;;
     v5p-*) VERSION=v2-alpha-tpuv5 ;;
     v6e-*) VERSION=v2-alpha-tpuv6e ;;
     *) die_usage "no default --version for accelerator type '$ACCEL': give --version" ;;
@@ -116,18 +127,16 @@ has_model_dir_arg=0
 for a in "${T5X_ARGS[@]}"; do
   case "$a" in
     --gin.MODEL_DIR=*|--gin.MODEL_DIR)
-      has_model_dir_arg=1
-      case "$a" in *gs://*)
-        log "warning: the trainer writes MODEL_DIR with local file I/O; give a gs:// MODEL_DIR" \
-            "with --model-dir instead, so the bucket is mounted on every worker" ;;
-      esac ;;
+      has_model_dir_arg=1 ;;
   esac
 done
 [[ -z "$MODEL_DIR" || $has_model_dir_arg -eq 0 ]] || \
   die_usage "give MODEL_DIR once: --model-dir or --gin.MODEL_DIR, not both"
 GCS_BUCKET=""; MOUNT_POINT=""
 if [[ -n "$MODEL_DIR" ]]; then
-  if [[ "$MODEL_DIR" == gs://* ]]; then
+  if [[ "$MODEL_DIR" == gs://* && $GCSFUSE -eq 0 ]]; then
+    T5X_ARGS+=("--gin.MODEL_DIR=\"$MODEL_DIR\"")   # written natively (orbax, epath)
+  elif [[ "$MODEL_DIR" == gs://* ]]; then
     rest="${MODEL_DIR#gs://}"; GCS_BUCKET="${rest%%/*}"
     [[ -n "$GCS_BUCKET" ]] || die_usage "--model-dir $MODEL_DIR has no bucket"
     MOUNT_POINT="/mnt/gcs/$GCS_BUCKET"
@@ -141,6 +150,7 @@ if [[ -n "$MODEL_DIR" ]]; then
 elif [[ $has_model_dir_arg -eq 0 ]]; then
   log "warning: no MODEL_DIR given (--model-dir gs://...): a restarted run cannot resume"
 fi
+[[ $GCSFUSE -eq 0 || -n "$GCS_BUCKET" ]] || die_usage "--gcsfuse needs a gs:// --model-dir"
 
 # ---------------------------------------------------------------------------
 # Commands.
@@ -154,6 +164,10 @@ run() {
 }
 PROJECT_FLAG=(); [[ -n "$PROJECT" ]] && PROJECT_FLAG=("--project=$PROJECT")
 tpu() { run gcloud compute tpus tpu-vm "$1" "$NAME" "--zone=$ZONE" ${PROJECT_FLAG[@]+"${PROJECT_FLAG[@]}"} "${@:2}"; }
+# Every ssh: a VM that is gone (preempted) fails in 30 s, not after minutes of retries.
+SSH_OPTS=(--ssh-flag=-oConnectTimeout=30); SCP_OPTS=()
+if [[ $INTERNAL_IP -eq 1 ]]; then SSH_OPTS+=(--internal-ip); SCP_OPTS+=(--internal-ip); fi
+ssh_all() { tpu ssh --worker=all "${SSH_OPTS[@]}" "$@"; }
 
 # The VM's state (READY, CREATING, PREEMPTED, TERMINATED, ...) or MISSING.
 vm_state() {
@@ -224,17 +238,16 @@ install_package() {
   if [[ $IS_GIT -eq 0 ]]; then
     if [[ $DRY -eq 1 ]]; then echo "$STAGE_CMD"; else log "+ $STAGE_CMD"; rm -rf "$STAGE_ROOT"; bash -c "$STAGE_CMD"; fi
     run gcloud compute tpus tpu-vm scp --recurse --worker=all "$STAGE" "$NAME:" "--zone=$ZONE" \
-      ${PROJECT_FLAG[@]+"${PROJECT_FLAG[@]}"} || return
+      ${PROJECT_FLAG[@]+"${PROJECT_FLAG[@]}"} ${SCP_OPTS[@]+"${SCP_OPTS[@]}"} || return
   fi
   [[ $DRY -eq 0 ]] || echo "# on every worker: $INSTALL"
-  tpu ssh --worker=all "--command=$INSTALL"
+  ssh_all "--command=$INSTALL"
 }
 run_t5x() {
   [[ $DRY -eq 0 ]] || echo "# on every worker: $RUN"
-  tpu ssh --worker=all --ssh-flag=-oServerAliveInterval=60 --ssh-flag=-oServerAliveCountMax=5 \
-    "--command=$RUN"
+  ssh_all --ssh-flag=-oServerAliveInterval=60 --ssh-flag=-oServerAliveCountMax=5 "--command=$RUN"
 }
-stop_leftovers() { tpu ssh --worker=all "--command=$STOP"; }
+stop_leftovers() { ssh_all "--command=$STOP"; }
 
 cleanup() { [[ $DRY -eq 1 ]] || rm -rf "$STAGE_ROOT"; }
 trap cleanup EXIT
@@ -257,6 +270,17 @@ if [[ $REUSE -eq 1 ]]; then
     esac
   fi
 fi
+
+# Stopping for good after a failure: with --delete-when-done the VM goes too
+# (if this script created it or found it), else say how to stop the billing.
+give_up() {
+  if [[ $DELETE_WHEN_DONE -eq 1 && $need_create -eq 0 ]]; then
+    delete_vm || log "could not delete $NAME: delete it with gcloud compute tpus tpu-vm delete $NAME --zone=$ZONE"
+  elif [[ $need_create -eq 0 ]]; then
+    log "$NAME is still there (and billed): gcloud compute tpus tpu-vm delete $NAME --zone=$ZONE"
+  fi
+  exit "$1"
+}
 
 restarts=0; ran_here=0
 while :; do
@@ -287,13 +311,13 @@ while :; do
     # Nothing has run yet: a bad flag, quota, missing capacity or a broken
     # install is for a person to look at, not to retry.
     log "failed before t5x started (exit $rc)"
-    exit "$rc"
+    give_up "$rc"
   fi
   state=$(vm_state)
   log "failed (exit $rc); $NAME is $state"
   if [[ $restarts -ge $MAX_RESTARTS ]]; then
     log "giving up after $restarts restart(s) (--max-restarts $MAX_RESTARTS)"
-    exit "$rc"
+    give_up "$rc"
   fi
   restarts=$((restarts + 1))
   case "$state" in

@@ -150,14 +150,35 @@ def test_tpu_dry_run_prints_every_command(fakes):
   remote_install = option(install, '--command')
   assert 'jax[tpu]' in shlex.split(remote_install)
   assert 'pip install -e ./prompt-transfer' in remote_install
-  assert 'gcsfuse' in remote_install
+  assert 'gcsfuse' not in remote_install
   assert train[4:8] == ['ssh', 'pt-test', '--zone=us-central2-b', '--worker=all']
+  # A preempted VM fails ssh in 30 s.
+  assert all('--ssh-flag=-oConnectTimeout=30' in c for c in (install, train))
   remote_run = option(train, '--command')
-  # The t5x arguments arrive intact on the workers; MODEL_DIR is the mounted bucket.
-  assert remote_t5x_args(remote_run) == T5X_ARGS + ['--gin.MODEL_DIR="/mnt/gcs/bkt/runs/sst2"']
-  assert 'gcsfuse --implicit-dirs --rename-dir-limit=1000000 --metadata-cache-ttl-secs=0 bkt /mnt/gcs/bkt' in remote_run
+  # The t5x arguments arrive intact on the workers; MODEL_DIR is the bucket, written natively.
+  assert remote_t5x_args(remote_run) == T5X_ARGS + ['--gin.MODEL_DIR="gs://bkt/runs/sst2"']
+  assert 'gcsfuse' not in remote_run
   # The resumption loop is described.
   assert 'PREEMPTED' in proc.stdout and 'at most 5 restarts' in proc.stdout
+
+
+def test_tpu_dry_run_gcsfuse_internal_ip_and_v5e_names(fakes):
+  _, env, _ = fakes
+  proc = run('tpu_vm.sh', '--dry-run', *TPU, '--model-dir', 'gs://bkt/runs/sst2', '--gcsfuse',
+             '--internal-ip', '--', *T5X_ARGS, env=env)
+  assert proc.returncode == 0, proc.stderr
+  gcloud = [c for c in commands(proc.stdout) if c[:4] == GCLOUD]
+  _, scp, install, train = gcloud
+  assert 'gcsfuse' in option(install, '--command')
+  remote_run = option(train, '--command')
+  assert remote_t5x_args(remote_run) == T5X_ARGS + ['--gin.MODEL_DIR="/mnt/gcs/bkt/runs/sst2"']
+  assert 'gcsfuse --implicit-dirs --rename-dir-limit=1000000 --metadata-cache-ttl-secs=0 bkt /mnt/gcs/bkt' in remote_run
+  assert all('--internal-ip' in c for c in (scp, install, train))
+  tpu = [a if a != 'v4-8' else 'v5e-8' for a in TPU]
+  bad = run('tpu_vm.sh', '--dry-run', *tpu, '--', *T5X_ARGS, env=env)
+  assert bad.returncode == 2 and 'v5litepod-N' in bad.stderr
+  bad = run('tpu_vm.sh', '--dry-run', *TPU, '--gcsfuse', '--', *T5X_ARGS, env=env)
+  assert bad.returncode == 2 and '--gcsfuse needs a gs://' in bad.stderr
 
 
 def test_tpu_dry_run_reuse_project_git_repo_and_versions(fakes):
@@ -334,6 +355,16 @@ def test_tpu_failure_before_the_first_run_is_not_retried(fake_tpu):
   assert proc.returncode == 1
   assert _verbs(calls()) == ['create'] and t5x_runs() == []
   assert 'failed before t5x started' in proc.stderr
+
+
+def test_tpu_delete_when_done_also_after_giving_up(fake_tpu):
+  launch, calls, _, d = fake_tpu
+  proc = launch('fail,fail,fail', '--max-restarts', '1', '--delete-when-done')
+  assert proc.returncode != 0
+  assert 'giving up after 1 restart' in proc.stderr
+  assert _verbs(calls())[-1] == 'delete'   # no billed VM left behind
+  proc = launch('fail,fail,fail', '--max-restarts', '0')
+  assert 'still there (and billed)' in proc.stderr and _verbs(calls())[-1] != 'delete'
 
 
 def test_tpu_reuse_skips_create_when_ready(fake_tpu):
