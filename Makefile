@@ -17,12 +17,13 @@ TARGET_FLAGS = --gin.MIXTURE_OR_TASK_NAME=\"$(TARGET_TASK)\" --gin.TRAIN_STEPS=$
   --gin.train.eval_period=10
 PYTEST_ARGS ?= -n 2
 
-.PHONY: venv demo test clean
+.PHONY: venv demo test clean constraints
 
-$(BIN)/.installed: setup.py
+# constraints.txt: the exact versions the suite passed with (CI installs the same).
+$(BIN)/.installed: setup.py constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e '.[test]'
+	$(BIN)/pip install -q -c constraints.txt -e '.[test]'
 	touch $@
 
 venv: $(BIN)/.installed
@@ -42,6 +43,12 @@ demo: venv
 
 test: venv
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS) tests
+
+# After upgrading a dependency in the venv and passing the tests: pin what passed.
+constraints: venv
+	{ sed -n '1,3p' constraints.txt; $(BIN)/pip freeze --exclude-editable | \
+	  grep -v '^prompt-transfer' | sed -E 's/^([^=]+==[^+]+)\+.*$$/\1/'; } > constraints.txt.new
+	mv constraints.txt.new constraints.txt
 
 clean:
 	rm -rf $(VENV) $(DEMO_DIR) *.egg-info

@@ -46,8 +46,20 @@ cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; }
 # returns too (run it again to resume).
 trap cleanup INT
 trap 'for p in "${pids[@]}"; do kill -TERM "$p" 2>/dev/null || true; done' TERM
+# On a GPU host, split the GPUs between the processes (each would otherwise
+# grab all of them): G GPUs, N processes -> G/N consecutive GPUs each.
+GPUS=0
+if [[ -z "${CUDA_VISIBLE_DEVICES:-}" ]] && command -v nvidia-smi >/dev/null 2>&1; then
+  GPUS=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true)
+fi
 for ((i = 0; i < N; i++)); do
-  $T5X "$@" --coordinator_address="localhost:$PORT" --process_count="$N" --process_index="$i" &
+  if [[ $GPUS -ge $N && $((GPUS % N)) -eq 0 ]]; then
+    per=$((GPUS / N)); ids=$(seq -s, $((i * per)) $((i * per + per - 1)))
+    CUDA_VISIBLE_DEVICES="$ids" $T5X "$@" --coordinator_address="localhost:$PORT" \
+      --process_count="$N" --process_index="$i" &
+  else
+    $T5X "$@" --coordinator_address="localhost:$PORT" --process_count="$N" --process_index="$i" &
+  fi
   pids+=($!)
 done
 set +e

@@ -19,6 +19,8 @@
 #   --time T                time limit, e.g. 24:00:00 (default: the partition's)
 #   --job-name NAME         (default: prompt-transfer)
 #   --cpus-per-task C       CPUs for each process (input pipeline)
+#   --shared                share the nodes (default: --exclusive and --mem=0: the whole
+#                           nodes, so no process is left with one CPU or a sliver of memory)
 #   --output PATH           log file (default: slurm-%x-%j.out; appended to across requeues)
 #   --model-dir DIR         adds --gin.MODEL_DIR="DIR" (a shared folder)
 #   --venv DIR              virtual environment activated on every node
@@ -31,7 +33,9 @@
 #   --dry-run               print the batch script and the sbatch command, submit nothing
 #   -h, --help              this help
 # Everything after `--` is passed to `t5x` unchanged. T5X=... overrides the
-# command (e.g. T5X="python -m prompt_transfer.cli").
+# command (e.g. T5X="python -m prompt_transfer.cli"). The venv needs JAX's CUDA
+# build (pip install -c constraints.txt -e . "jax[cuda12]"): every task sets
+# PROMPT_TRANSFER_PLATFORM=gpu, so t5x refuses to start on a CPU-only JAX.
 set -euo pipefail
 
 PROG=slurm_gpu.sh
@@ -39,7 +43,7 @@ usage() { sed -n '2,/^set -euo/p' "$0" | sed '$d' | sed 's/^# \{0,1\}//'; }
 die_usage() { echo "$PROG: $*" >&2; echo "Run '$0 --help' for the options." >&2; exit 2; }
 
 NODES=""; GPUS=""; PER_GPU=0; PARTITION=""; ACCOUNT=""; TIME=""; JOB_NAME=prompt-transfer
-CPUS=""; OUTPUT="slurm-%x-%j.out"; MODEL_DIR=""; VENV="${VIRTUAL_ENV:-}"; PORT=""
+CPUS=""; OUTPUT="slurm-%x-%j.out"; MODEL_DIR=""; VENV="${VIRTUAL_ENV:-}"; PORT=""; SHARED=0
 SIGNAL_SECS=300; MAX_REQUEUES=20; SBATCH_FLAGS=(); SCRIPT=""; DRY=0; T5X_ARGS=()
 
 need_value() { [[ $# -ge 2 && -n "$2" && "$2" != --* ]] || die_usage "$1 needs a value"; }
@@ -56,6 +60,7 @@ while [[ $# -gt 0 ]]; do
     --time) need_value "$@"; TIME="$2"; shift 2 ;;
     --job-name) need_value "$@"; JOB_NAME="$2"; shift 2 ;;
     --cpus-per-task) need_value "$@"; CPUS="$2"; shift 2 ;;
+    --shared) SHARED=1; shift ;;
     --output) need_value "$@"; OUTPUT="$2"; shift 2 ;;
     --model-dir) need_value "$@"; MODEL_DIR="$2"; shift 2 ;;
     --venv) [[ $# -ge 2 ]] || die_usage "--venv needs a value"; VENV="$2"; shift 2 ;;
@@ -107,6 +112,7 @@ batch_script() {
   echo "#SBATCH --ntasks-per-node=$TASKS_PER_NODE"
   echo "#SBATCH --gpus-per-node=$GPUS"
   [[ -z "$CPUS" ]] || echo "#SBATCH --cpus-per-task=$CPUS"
+  if [[ $SHARED -eq 0 ]]; then echo "#SBATCH --exclusive"; echo "#SBATCH --mem=0"; fi
   [[ -z "$PARTITION" ]] || echo "#SBATCH --partition=$PARTITION"
   [[ -z "$ACCOUNT" ]] || echo "#SBATCH --account=$ACCOUNT"
   [[ -z "$TIME" ]] || echo "#SBATCH --time=$TIME"
@@ -131,6 +137,7 @@ EOF
   if [[ -n "$PORT" ]]; then echo "PORT=$PORT"; else echo 'PORT=$((20000 + SLURM_JOB_ID % 20000))'; fi
   cat <<'EOF'
 export PYTHONUNBUFFERED=1
+export PROMPT_TRANSFER_PLATFORM=gpu
 # srun does not pass --cpus-per-task on to the step by itself (Slurm >= 22.05).
 if [ -n "${SLURM_CPUS_PER_TASK:-}" ]; then export SRUN_CPUS_PER_TASK=$SLURM_CPUS_PER_TASK; fi
 # Process 0 runs on the first node of the allocation and hosts the coordinator.
@@ -162,8 +169,9 @@ EOF
   # One task per srun process; SLURM_PROCID is only known inside the task, so
   # the flags are added there (bash -c, arguments passed through "$@").
   if [[ $PER_GPU -eq 1 ]]; then
-    echo '# One process per GPU: process i on a node uses GPU $SLURM_LOCALID.'
-    echo "TASK='export JAX_LOCAL_DEVICE_IDS=\$SLURM_LOCALID; exec \"\$@\" --coordinator_address=\"\$COORDINATOR_ADDRESS\" --process_count=\"\$SLURM_NTASKS\" --process_index=\"\$SLURM_PROCID\" --multiprocess_gpu'"
+    echo '# One process per GPU: process i on a node uses GPU $SLURM_LOCALID, or the one GPU'
+    echo '# it sees where the site binds one GPU per task (CUDA_VISIBLE_DEVICES of length 1).'
+    echo "TASK='if [ \"\$(printf %s \"\${CUDA_VISIBLE_DEVICES:-}\" | tr , \"\\\\n\" | grep -c .)\" = 1 ]; then export JAX_LOCAL_DEVICE_IDS=0; else export JAX_LOCAL_DEVICE_IDS=\$SLURM_LOCALID; fi; exec \"\$@\" --coordinator_address=\"\$COORDINATOR_ADDRESS\" --process_count=\"\$SLURM_NTASKS\" --process_index=\"\$SLURM_PROCID\" --multiprocess_gpu'"
   else
     echo '# One process per node using all its GPUs. JAX restricts a process to GPU'
     echo '# $SLURM_LOCALID when it detects Slurm (SLURM_LOCALID set): hide it.'

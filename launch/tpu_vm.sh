@@ -200,8 +200,14 @@ if [[ -n "$GCS_BUCKET" ]]; then
   INSTALL+=' echo "deb [signed-by=/usr/share/keyrings/cloud.google.asc] https://packages.cloud.google.com/apt gcsfuse-$(lsb_release -c -s) main" | sudo tee /etc/apt/sources.list.d/gcsfuse.list >/dev/null;'
   INSTALL+=' sudo apt-get update -q && sudo apt-get install -y -q gcsfuse; fi'
 fi
-INSTALL+="; python3 -m pip install -U $(quote "$JAX_SPEC") -f https://storage.googleapis.com/jax-releases/libtpu_releases.html"
-INSTALL+="; python3 -m pip install -e ./$Q_REMOTE_DIR"
+# TPU VM images have Python 3.10, where current JAX does not install: uv (a
+# maintained installer) brings Python 3.11 and a venv; constraints.txt pins
+# the versions the test suite passed with (jax[tpu] then picks its libtpu).
+VENV_DIR=prompt-transfer-venv         # relative to the remote home folder
+INSTALL+='; if [ ! -x "$HOME/.local/bin/uv" ]; then curl -LsSf https://astral.sh/uv/install.sh | sh; fi'
+INSTALL+="; \$HOME/.local/bin/uv venv --allow-existing --python 3.11 $VENV_DIR"
+INSTALL+="; \$HOME/.local/bin/uv pip install --python $VENV_DIR/bin/python -c ./$Q_REMOTE_DIR/constraints.txt"
+INSTALL+=" $(quote "$JAX_SPEC") -f https://storage.googleapis.com/jax-releases/libtpu_releases.html -e ./$Q_REMOTE_DIR"
 
 RUN=""
 if [[ -n "$GCS_BUCKET" ]]; then
@@ -216,7 +222,10 @@ fi
 RUN+='if [ -z "${TPU_WORKER_ID:-}" ]; then w=$(curl -sf -H Metadata-Flavor:Google'
 RUN+=' http://metadata.google.internal/computeMetadata/v1/instance/attributes/agent-worker-number)'
 RUN+=' && export TPU_WORKER_ID="$w"; fi; '
-RUN+="cd $Q_REMOTE_DIR && export PATH=\"\$HOME/.local/bin:\$PATH\" && echo \$\$ > .t5x.pid"
+# PROMPT_TRANSFER_PLATFORM: t5x refuses to start on another JAX backend (a
+# CPU-only jax would otherwise train on the host's CPU without a word).
+RUN+="cd $Q_REMOTE_DIR && export PATH=\"\$HOME/$VENV_DIR/bin:\$HOME/.local/bin:\$PATH\""
+RUN+=" PROMPT_TRANSFER_PLATFORM=tpu && echo \$\$ > .t5x.pid"
 RUN+=" && exec $(quote t5x "${T5X_ARGS[@]}")"
 # Before a rerun on a VM that stayed READY: stop what the last run left behind
 # (an ssh failure does not stop the remote processes).

@@ -362,6 +362,7 @@ def run(argv: Optional[Sequence[str]] = None) -> int:
   # No coordinator: a single process, or a Cloud TPU VM that JAX discovers itself.
   partitioning.initialize_distributed(args.coordinator_address, args.process_count,
                                       args.process_index)
+  check_platform()
   import_modules(args.module_import)
   parse_gin(args, bindings, args.command)
   _configure_tasks()
@@ -387,6 +388,25 @@ def list_tasks(filter_text: str = '') -> int:
     print(f'{r.name:<{width}}  {",".join(r.splits):<40}  {",".join(r.metrics)}')
   print(f'{len(rows)} tasks and mixtures')
   return 0
+
+
+PLATFORM_ENV = 'PROMPT_TRANSFER_PLATFORM'
+
+
+def check_platform() -> None:
+  """The launchers set PROMPT_TRANSFER_PLATFORM (tpu, gpu): a JAX without that
+  backend (e.g. the CPU-only wheel) would otherwise train on the host's CPU
+  without a word, for days."""
+  want = os.environ.get(PLATFORM_ENV, '').strip().lower()
+  if not want:
+    return
+  import jax  # pylint: disable=g-import-not-at-top
+  have = jax.default_backend()
+  if have != want:
+    build = {'gpu': "jax[cuda12]", 'tpu': "jax[tpu]"}.get(want, f'the {want} build of JAX')
+    raise UsageError(f'{PLATFORM_ENV}={want} (the launcher asked for {want}s) but JAX runs on '
+                     f'{have}: install {build} in this environment (pip install -U "{build}"), '
+                     f'or unset {PLATFORM_ENV} to run on {have}.')
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:

@@ -33,7 +33,8 @@ def _write_exe(path, text):
 # Records its argv and selected environment variables as one JSON line in $FAKE_T5X_LOG.
 FAKE_T5X = f"""#!{sys.executable} -S
 import json, os, sys
-env = {{k: os.environ.get(k) for k in ('SLURM_LOCALID', 'JAX_LOCAL_DEVICE_IDS', 'TPU_WORKER_ID')}}
+env = {{k: os.environ.get(k) for k in ('SLURM_LOCALID', 'JAX_LOCAL_DEVICE_IDS', 'TPU_WORKER_ID',
+                                     'PROMPT_TRANSFER_PLATFORM', 'CUDA_VISIBLE_DEVICES')}}
 with open(os.environ['FAKE_T5X_LOG'], 'a') as f:
   f.write(json.dumps({{'argv': sys.argv[1:], 'env': env, 'cwd': os.getcwd()}}) + '\\n')
 """
@@ -149,7 +150,10 @@ def test_tpu_dry_run_prints_every_command(fakes):
   assert install[4:8] == ['ssh', 'pt-test', '--zone=us-central2-b', '--worker=all']
   remote_install = option(install, '--command')
   assert 'jax[tpu]' in shlex.split(remote_install)
-  assert 'pip install -e ./prompt-transfer' in remote_install
+  # Python 3.11 from uv on the workers (the images have 3.10), versions pinned.
+  assert 'uv venv --allow-existing --python 3.11 prompt-transfer-venv' in remote_install
+  assert '-c ./prompt-transfer/constraints.txt' in remote_install
+  assert '-e ./prompt-transfer' in remote_install
   assert 'gcsfuse' not in remote_install
   assert train[4:8] == ['ssh', 'pt-test', '--zone=us-central2-b', '--worker=all']
   # A preempted VM fails ssh in 30 s.
@@ -400,7 +404,8 @@ def test_slurm_dry_run_script(fakes):
   assert rest == [f'sbatch {env["TMPDIR"]}/slurm_gpu.XXXXXX']
   header = [l for l in script.splitlines() if l.startswith('#SBATCH')]
   assert header == ['#SBATCH --job-name=pt', '#SBATCH --nodes=2', '#SBATCH --ntasks-per-node=1',
-                    '#SBATCH --gpus-per-node=4', '#SBATCH --partition=gpu',
+                    '#SBATCH --gpus-per-node=4', '#SBATCH --exclusive', '#SBATCH --mem=0',
+                    '#SBATCH --partition=gpu',
                     '#SBATCH --account=proj', '#SBATCH --time=02:00:00',
                     '#SBATCH --output=slurm-%x-%j.out', '#SBATCH --open-mode=append',
                     f'#SBATCH --chdir={ROOT}', '#SBATCH --requeue', '#SBATCH --signal=B:USR1@300']
@@ -498,6 +503,35 @@ def test_slurm_batch_script_runs_one_process_per_node_or_gpu(fake_slurm, per_gpu
       assert r['env']['SLURM_LOCALID'] is None and r['env']['JAX_LOCAL_DEVICE_IDS'] is None
 
 
+def test_slurm_whole_nodes_gpu_platform_and_one_bound_gpu_per_task(fake_slurm):
+  env, tmp = fake_slurm
+  dry = run('slurm_gpu.sh', '--dry-run', *SLURM, '--', *T5X_ARGS, env=env)
+  script, _ = _batch_script(dry.stdout)
+  assert '#SBATCH --exclusive' in script and '#SBATCH --mem=0' in script
+  shared, _ = _batch_script(run('slurm_gpu.sh', '--dry-run', *SLURM, '--shared', '--',
+                                *T5X_ARGS, env=env).stdout)
+  assert '--exclusive' not in shared and '--mem=0' not in shared
+  # A site that binds one GPU per task: each process sees one GPU, its device 0.
+  proc = run('slurm_gpu.sh', *SLURM, '--process-per-gpu', '--script', str(tmp / 'job.sbatch'),
+             '--', *T5X_ARGS, env=env)
+  assert proc.returncode == 0, proc.stderr
+  job = subprocess.run(['bash', str(tmp / 'job.sbatch')],
+                       env=dict(_job_env(env, 4), CUDA_VISIBLE_DEVICES='5'), cwd=tmp,
+                       capture_output=True, text=True, timeout=30)
+  assert job.returncode == 0, job.stdout + job.stderr
+  runs = [json.loads(l) for l in open(tmp / 't5x.log')]
+  assert len(runs) == 8 and {r['env']['JAX_LOCAL_DEVICE_IDS'] for r in runs} == {'0'}
+  assert {r['env']['PROMPT_TRANSFER_PLATFORM'] for r in runs} == {'gpu'}
+
+
+def test_a_platform_the_installed_jax_lacks_is_refused(monkeypatch, capsys):
+  from in_process import refused_here
+  monkeypatch.setenv('PROMPT_TRANSFER_PLATFORM', 'tpu')
+  code, err = refused_here(capsys, 'train', '--gin_file=runs/quickstart.gin',
+                           '--gin.MODEL_DIR=/nonexistent/never_written')
+  assert code == 2 and 'jax[tpu]' in err and 'JAX runs on cpu' in err, err
+
+
 def test_slurm_batch_script_requeues_near_the_time_limit(fake_slurm):
   env, tmp = fake_slurm
   script = tmp / 'job.sbatch'
@@ -544,3 +578,15 @@ def test_local_dry_run_quotes_commands(fakes, tmp_path):
   subprocess.run(['bash', '-c', line], env=env, check=True)
   assert json.loads(open(tmp_path / 'log').read())['argv'] == T5X_ARGS + [
       '--coordinator_address=localhost:4321', '--process_count=1', '--process_index=0']
+
+
+def test_local_sh_splits_the_gpus_of_a_gpu_host(fakes, tmp_path):
+  bindir, env, _ = fakes
+  _write_exe(bindir / 'nvidia-smi', '#!/bin/sh\nfor i in 0 1 2 3; do echo "GPU $i: H100 (UUID: x)"; done\n')
+  fake_t5x = _write_exe(tmp_path / 'fake_t5x', FAKE_T5X)
+  env = dict(env, T5X=str(fake_t5x), FAKE_T5X_LOG=str(tmp_path / 't5x.log'))
+  env.pop('CUDA_VISIBLE_DEVICES', None)
+  proc = run('local.sh', '2', '--', 'train', env=env)
+  assert proc.returncode == 0, proc.stderr
+  runs = sorted((json.loads(l) for l in open(tmp_path / 't5x.log')), key=lambda r: r['argv'][-1])
+  assert [r['env']['CUDA_VISIBLE_DEVICES'] for r in runs] == ['0,1', '2,3']
