@@ -73,3 +73,32 @@ def test_train_resume_from_file_and_eval_on_gcs(gcs):
   result = json.loads(gcs_emulator.read(port, 'runs/source/eval_validation.json'))
   assert result['prompt'] == prompt_file
   assert 0.0 <= result['metrics']['synthetic_majority_yesno/accuracy'] <= 100.0
+
+
+def test_a_gs_checkpoint_path_is_copied_once_and_loads_like_the_local_one(gcs, tmp_path):
+  """CHECKPOINT_PATH on gs://: copied into the local cache (reused while the
+  remote files are unchanged), weights equal to the packaged local copy."""
+  env, _ = gcs
+  env = dict(env, PROMPT_TRANSFER_CHECKPOINT_CACHE=str(tmp_path / 'cache'))
+  script = '''
+import numpy as np
+from etils import epath
+from prompt_transfer.model import pretrained
+from prompt_transfer.model.checkpoint_import import flatten_params
+local = pretrained.resolve_checkpoint_path('pkg://assets/t5_1_1_tiny_synthetic')
+for f in epath.Path(local).iterdir():
+  (epath.Path('gs://bucket/models/tiny') / f.name).write_bytes(f.read_bytes())
+for _ in range(2):  # the second load uses the cache
+  _, remote = pretrained.load_pretrained('gs://bucket/models/tiny')
+_, ref = pretrained.load_pretrained(local)
+a, b = flatten_params(remote), flatten_params(ref)
+assert sorted(a) == sorted(b)
+assert all(np.array_equal(a[k], b[k]) for k in a)
+print('EQUAL')
+'''
+  proc = subprocess.run([sys.executable, '-c', script], cwd=ROOT, env=env, capture_output=True,
+                        text=True, timeout=300)
+  assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+  assert 'EQUAL' in proc.stdout and proc.stdout.count('copying gs://bucket/models/tiny') == 1
+  (cached,) = os.listdir(tmp_path / 'cache')
+  assert cached.startswith('tiny-') and 'model.safetensors' in os.listdir(tmp_path / 'cache' / cached)

@@ -36,6 +36,79 @@ def resolve_checkpoint_path(path: str) -> str:
   return path
 
 
+CACHE_ENV = 'PROMPT_TRANSFER_CHECKPOINT_CACHE'
+_MANIFEST = '.prompt_transfer_manifest.json'
+
+
+def _files_under(folder: Any) -> list:
+  """Every file below an epath folder (epath's rglob refuses `**` on GCS)."""
+  out = []
+  for p in folder.iterdir():
+    out.extend(_files_under(p) if p.is_dir() else [p])
+  return out
+
+
+def local_checkpoint(path: str) -> str:
+  """A checkpoint on a remote filesystem (gs://, s3://, ...) copied once into
+  a local cache (env PROMPT_TRANSFER_CHECKPOINT_CACHE, default
+  ~/.cache/prompt_transfer/checkpoints); local paths are returned unchanged.
+
+  Why a copy rather than reading in place: safetensors maps its file from a
+  local disk and a T5X msgpack checkpoint's TensorStore specs name files
+  relative to it, so every reader stays one tested local code path. The copy is
+  reused while the remote files keep their names and sizes, and written under
+  a temporary name then renamed, so a killed copy is never taken for a good one.
+  """
+  path = os.fspath(path)
+  if '://' not in path or path.startswith(PKG_PREFIX):
+    return path
+  import hashlib  # pylint: disable=g-import-not-at-top
+  import json  # pylint: disable=g-import-not-at-top
+  import shutil  # pylint: disable=g-import-not-at-top
+  from etils import epath  # pylint: disable=g-import-not-at-top
+  from prompt_transfer import fileio  # pylint: disable=g-import-not-at-top
+  src = epath.Path(path)
+  if not src.exists():
+    raise FileNotFoundError(f'Checkpoint {path} does not exist.')
+  if src.is_dir():
+    files = sorted((str(p.relative_to(src)), p.stat().length) for p in _files_under(src))
+  else:
+    files = [(src.name, src.stat().length)]
+  if not files:
+    raise FileNotFoundError(f'Checkpoint {path} holds no files.')
+  root = os.environ.get(CACHE_ENV) or os.path.join(os.path.expanduser('~'), '.cache',
+                                                   'prompt_transfer', 'checkpoints')
+  key = hashlib.sha256(path.rstrip('/').encode()).hexdigest()[:12]
+  dest = os.path.join(root, f'{src.name or "checkpoint"}-{key}')
+  manifest = json.dumps({'source': path, 'files': files})
+  target = dest if src.is_dir() else os.path.join(dest, src.name)
+  if os.path.exists(os.path.join(dest, _MANIFEST)):
+    with open(os.path.join(dest, _MANIFEST)) as f:
+      if f.read() == manifest:
+        return target
+  print(f'[prompt-transfer] copying {path} ({len(files)} files, '
+        f'{sum(n for _, n in files) / 2**20:.1f} MiB) to {dest}', flush=True)
+  tmp = os.fspath(fileio.tmp_name(dest))
+  try:
+    for rel, _ in files:
+      out = os.path.join(tmp, rel)
+      os.makedirs(os.path.dirname(out), exist_ok=True)
+      with (src / rel if src.is_dir() else src).open('rb') as fin, open(out, 'wb') as fout:
+        shutil.copyfileobj(fin, fout, 16 << 20)
+    with open(os.path.join(tmp, _MANIFEST), 'w') as f:
+      f.write(manifest)
+    if os.path.exists(dest):
+      shutil.rmtree(dest, ignore_errors=True)
+    try:
+      os.rename(tmp, dest)
+    except OSError:  # another process on this host finished the same copy first
+      if not os.path.exists(os.path.join(dest, _MANIFEST)):
+        raise
+  finally:
+    shutil.rmtree(tmp, ignore_errors=True)
+  return target
+
+
 def detect_format(path: str) -> str:
   """'hf' for a Hugging Face directory, 't5x' for a native T5X checkpoint."""
   path = os.fspath(path)
@@ -63,7 +136,7 @@ def load_pretrained(path: str, prompt_module: Optional[PromptModuleFactory] = No
   with `model.init_prompt(rng, params)`.
   """
   from prompt_transfer.model import checkpoint_import  # pylint: disable=g-import-not-at-top
-  path = resolve_checkpoint_path(path)
+  path = local_checkpoint(resolve_checkpoint_path(path))
   fmt = detect_format(path)
   if fmt == 'hf':
     read_config, params = checkpoint_import.read_hf_checkpoint(path)
