@@ -32,6 +32,8 @@
 #                            checkpoint commits are not atomic)
 #   --internal-ip            ssh/scp to the workers' internal IPs (projects without external IPs)
 #   --max-restarts N         recreate/rerun at most N times after a failure (default: 5)
+#   --capacity-retries N     retry a create that fails for lack of capacity N times (default:
+#                            10, --retry-wait apart); these do not count as restarts
 #   --retry-wait SECONDS     pause before each restart (default: 60)
 #   --create-flag FLAG       extra flag for `gcloud compute tpus tpu-vm create` (repeatable),
 #                            e.g. --create-flag=--service-account=SA --create-flag=--network=N
@@ -49,7 +51,7 @@ log() { echo "[$PROG] $*" >&2; }
 
 NAME=""; ZONE=""; ACCEL=""; VERSION=""; PROJECT=""; CAPACITY=""; REUSE=0; REPO=""; GIT_REF=""
 CREATE_FLAGS=(); JAX_SPEC="jax[tpu]"; MODEL_DIR=""; MAX_RESTARTS=5; RETRY_WAIT=60; DELETE_WHEN_DONE=0; DRY=0
-GCSFUSE=0; INTERNAL_IP=0
+GCSFUSE=0; INTERNAL_IP=0; CAPACITY_RETRIES=10
 T5X_ARGS=()
 
 need_value() { [[ $# -ge 2 && -n "$2" && "$2" != --* ]] || die_usage "$1 needs a value"; }
@@ -77,6 +79,7 @@ while [[ $# -gt 0 ]]; do
       CREATE_FLAGS+=("$2"); shift 2 ;;
     --delete-when-done) DELETE_WHEN_DONE=1; shift ;;
     --gcsfuse) GCSFUSE=1; shift ;;
+    --capacity-retries) need_value "$@"; CAPACITY_RETRIES="$2"; shift 2 ;;
     --internal-ip) INTERNAL_IP=1; shift ;;
     --dry-run) DRY=1; shift ;;
     --) shift; T5X_ARGS=("$@"); break ;;
@@ -91,6 +94,7 @@ missing=()
 [[ ${#missing[@]} -eq 0 ]] || die_usage "missing required option(s): ${missing[*]}"
 [[ ${#T5X_ARGS[@]} -gt 0 ]] || die_usage "nothing to run: give the t5x arguments after --, e.g. -- train --gin_file=..."
 [[ "$MAX_RESTARTS" =~ ^[0-9]+$ ]] || die_usage "--max-restarts must be a number >= 0, got '$MAX_RESTARTS'"
+[[ "$CAPACITY_RETRIES" =~ ^[0-9]+$ ]] || die_usage "--capacity-retries must be a number >= 0, got '$CAPACITY_RETRIES'"
 [[ "$RETRY_WAIT" =~ ^[0-9]+$ ]] || die_usage "--retry-wait must be a number of seconds, got '$RETRY_WAIT'"
 [[ -z "$GIT_REF" || -n "$REPO" ]] || die_usage "--git-ref needs a git URL --repo"
 
@@ -180,9 +184,27 @@ vm_state() {
   fi
 }
 
+# A zone out of capacity (common for spot) is retried, --retry-wait apart,
+# without using up the restarts that preemptions need.
 create_vm() {
   local extra=(${CREATE_FLAGS[@]+"${CREATE_FLAGS[@]}"}); [[ -n "$CAPACITY" ]] && extra+=("$CAPACITY")
-  tpu create "--accelerator-type=$ACCEL" "--version=$VERSION" ${extra[@]+"${extra[@]}"}
+  local tries=0 rc err
+  while :; do
+    rc=0; err=$(mktemp)
+    tpu create "--accelerator-type=$ACCEL" "--version=$VERSION" ${extra[@]+"${extra[@]}"} \
+      2>"$err" || rc=$?
+    cat "$err" >&2
+    if [[ $rc -ne 0 ]] && grep -qiE 'capacity|RESOURCE_EXHAUSTED|resources? (are|is) unavailable|stockout' "$err" \
+        && [[ $tries -lt $CAPACITY_RETRIES ]]; then
+      rm -f "$err"; tries=$((tries + 1))
+      log "no capacity for $ACCEL in $ZONE: create retry $tries/$CAPACITY_RETRIES in ${RETRY_WAIT}s"
+      [[ "$(vm_state)" == MISSING ]] || delete_vm || true   # a half-created VM
+      sleep "$RETRY_WAIT"
+      continue
+    fi
+    rm -f "$err"
+    return $rc
+  done
 }
 delete_vm() { tpu delete --quiet; }
 

@@ -240,8 +240,12 @@ if verb == 'describe':
 if verb == 'create':
   if os.path.exists(state):
     sys.stderr.write('ERROR: ALREADY_EXISTS\\n'); sys.exit(1)
-  if read('create_fails'):
-    sys.stderr.write('ERROR: no capacity\\n'); sys.exit(1)
+  fails = read('create_fails')   # 'quota' (always) or 'capacity:N' (the first N creates)
+  if fails == 'quota':
+    sys.stderr.write('ERROR: Quota exceeded for TPUS_PER_TPU_FAMILY\\n'); sys.exit(1)
+  if fails.startswith('capacity:') and int(fails.split(':')[1]) > 0:
+    open(os.path.join(d, 'create_fails'), 'w').write(f'capacity:{{int(fails.split(":")[1]) - 1}}')
+    sys.stderr.write('ERROR: There is no more capacity in the zone\\n'); sys.exit(1)
   open(state, 'w').write('READY'); sys.exit(0)
 if verb == 'delete':
   os.remove(state)
@@ -354,11 +358,24 @@ def test_tpu_gives_up_after_max_restarts(fake_tpu):
 
 def test_tpu_failure_before_the_first_run_is_not_retried(fake_tpu):
   launch, calls, t5x_runs, d = fake_tpu
-  (d / 'create_fails').write_text('1')
+  (d / 'create_fails').write_text('quota')
   proc = launch('ok')
   assert proc.returncode == 1
   assert _verbs(calls()) == ['create'] and t5x_runs() == []
   assert 'failed before t5x started' in proc.stderr
+
+
+def test_tpu_create_without_capacity_is_retried_without_using_restarts(fake_tpu):
+  launch, calls, t5x_runs, d = fake_tpu
+  (d / 'create_fails').write_text('capacity:2')
+  proc = launch('ok', '--max-restarts', '0')
+  assert proc.returncode == 0, proc.stderr
+  assert _verbs(calls())[:6] == ['create', 'describe', 'create', 'describe', 'create', 'scp']
+  assert 'create retry 2/10' in proc.stderr and len(t5x_runs()) == 1
+  (d / 'create_fails').write_text('capacity:5')
+  (d / 'state').unlink()
+  proc = launch('ok', '--capacity-retries', '1')
+  assert proc.returncode == 1 and 'failed before t5x started' in proc.stderr
 
 
 def test_tpu_delete_when_done_also_after_giving_up(fake_tpu):
