@@ -17,7 +17,10 @@
 #   --version RUNTIME        TPU software version (default from TYPE: tpu-ubuntu2204-base for
 #                            v2/v3/v4, v2-alpha-tpuv5-lite, v2-alpha-tpuv5, v2-alpha-tpuv6e)
 #   --project PROJECT        Google Cloud project (default: gcloud's configured project)
-#   --spot | --preemptible   cheaper capacity that can be taken back at any time
+#   --spot | --preemptible   cheaper capacity that can be taken back at any time; --spot
+#                            asks through a queued resource (waits for capacity instead
+#                            of failing; deleted with the node), --no-queued: a plain create
+#   --no-queued              --spot with `tpu-vm create --spot` instead of a queued resource
 #   --reuse                  use the VM if it already exists (READY); create it otherwise
 #   --repo PATH|GIT_URL      the package to install (default: this checkout, copied with
 #                            `gcloud compute tpus tpu-vm scp --recurse --worker=all`);
@@ -51,7 +54,8 @@ log() { echo "[$PROG] $*" >&2; }
 
 NAME=""; ZONE=""; ACCEL=""; VERSION=""; PROJECT=""; CAPACITY=""; REUSE=0; REPO=""; GIT_REF=""
 CREATE_FLAGS=(); JAX_SPEC="jax[tpu]"; MODEL_DIR=""; MAX_RESTARTS=5; RETRY_WAIT=60; DELETE_WHEN_DONE=0; DRY=0
-GCSFUSE=0; INTERNAL_IP=0; CAPACITY_RETRIES=10
+GCSFUSE=0; INTERNAL_IP=0; CAPACITY_RETRIES=10; NO_QUEUED=0
+POLL="${TPU_VM_POLL_SECONDS:-30}"   # queued-resource state polling
 T5X_ARGS=()
 
 need_value() { [[ $# -ge 2 && -n "$2" && "$2" != --* ]] || die_usage "$1 needs a value"; }
@@ -79,6 +83,7 @@ while [[ $# -gt 0 ]]; do
       CREATE_FLAGS+=("$2"); shift 2 ;;
     --delete-when-done) DELETE_WHEN_DONE=1; shift ;;
     --gcsfuse) GCSFUSE=1; shift ;;
+    --no-queued) NO_QUEUED=1; shift ;;
     --capacity-retries) need_value "$@"; CAPACITY_RETRIES="$2"; shift 2 ;;
     --internal-ip) INTERNAL_IP=1; shift ;;
     --dry-run) DRY=1; shift ;;
@@ -184,9 +189,35 @@ vm_state() {
   fi
 }
 
+QUEUED=0; [[ "$CAPACITY" == --spot && $NO_QUEUED -eq 0 ]] && QUEUED=1
+qr() { run gcloud compute tpus queued-resources "$1" "$NAME" "--zone=$ZONE" ${PROJECT_FLAG[@]+"${PROJECT_FLAG[@]}"} "${@:2}"; }
+# Spot capacity through a queued resource: the request waits in the zone's
+# queue until capacity frees up, then the node (named NAME) is created.
+create_queued() {
+  qr create "--node-id=$NAME" "--accelerator-type=$ACCEL" "--runtime-version=$VERSION" --spot \
+    ${CREATE_FLAGS[@]+"${CREATE_FLAGS[@]}"} || return
+  local describe=(gcloud compute tpus queued-resources describe "$NAME" "--zone=$ZONE"
+                  ${PROJECT_FLAG[@]+"${PROJECT_FLAG[@]}"} '--format=value(state.state)')
+  if [[ $DRY -eq 1 ]]; then
+    quote "${describe[@]}"; echo; echo "# repeated every ${POLL}s until ACTIVE (FAILED or SUSPENDED: stop)"
+    return 0
+  fi
+  local state waited=0
+  while :; do
+    state=$("${describe[@]}" 2>/dev/null || echo UNKNOWN)
+    case "$state" in
+      ACTIVE) return 0 ;;
+      FAILED|SUSPENDED) log "queued resource $NAME is $state"; return 1 ;;
+    esac
+    (( waited % 600 == 0 )) && log "queued resource $NAME: ${state:-?} (waiting for capacity)"
+    sleep "$POLL"; waited=$((waited + POLL))
+  done
+}
+
 # A zone out of capacity (common for spot) is retried, --retry-wait apart,
 # without using up the restarts that preemptions need.
 create_vm() {
+  if [[ $QUEUED -eq 1 ]]; then create_queued; return; fi
   local extra=(${CREATE_FLAGS[@]+"${CREATE_FLAGS[@]}"}); [[ -n "$CAPACITY" ]] && extra+=("$CAPACITY")
   local tries=0 rc err
   while :; do
@@ -206,7 +237,8 @@ create_vm() {
     return $rc
   done
 }
-delete_vm() { tpu delete --quiet; }
+# --force: the queued resource goes with its node.
+delete_vm() { if [[ $QUEUED -eq 1 ]]; then qr delete --force --quiet; else tpu delete --quiet; fi; }
 
 # Remote shell snippets (they run in the remote home folder, on every worker).
 Q_REMOTE_DIR=$(printf '%q' "$REMOTE_DIR")

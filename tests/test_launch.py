@@ -136,10 +136,18 @@ def test_tpu_dry_run_prints_every_command(fakes):
   assert not calls.exists(), 'dry run called a program'
   cmds = commands(proc.stdout)
   gcloud = [c for c in cmds if c[:4] == GCLOUD]
-  assert [c[4] for c in gcloud] == ['create', 'scp', 'ssh', 'ssh']
-  create, scp, install, train = gcloud
-  assert create == GCLOUD + ['create', 'pt-test', '--zone=us-central2-b', '--accelerator-type=v4-8',
-                             '--version=tpu-ubuntu2204-base', '--spot']
+  assert [c[4] for c in gcloud] == ['scp', 'ssh', 'ssh']
+  scp, install, train = gcloud
+  # Spot capacity through a queued resource (waits for capacity), polled until ACTIVE.
+  queued = [c for c in cmds if c[:4] == ['gcloud', 'compute', 'tpus', 'queued-resources']]
+  assert queued[0] == ['gcloud', 'compute', 'tpus', 'queued-resources', 'create', 'pt-test',
+                       '--zone=us-central2-b', '--node-id=pt-test', '--accelerator-type=v4-8',
+                       '--runtime-version=tpu-ubuntu2204-base', '--spot']
+  assert queued[1][4] == 'describe' and 'until ACTIVE' in proc.stdout
+  plain = run('tpu_vm.sh', '--dry-run', *TPU, '--spot', '--no-queued', '--', *T5X_ARGS, env=env)
+  assert [c for c in commands(plain.stdout) if c[:4] == GCLOUD][0] == GCLOUD + [
+      'create', 'pt-test', '--zone=us-central2-b', '--accelerator-type=v4-8',
+      '--version=tpu-ubuntu2204-base', '--spot']
   # The checkout is staged (tracked + untracked files, no .venv) and copied to all workers.
   stage = scp[7]
   assert scp == GCLOUD + ['scp', '--recurse', '--worker=all', stage, 'pt-test:',
@@ -226,13 +234,18 @@ d = os.environ['FAKE_GCLOUD_DIR']
 args = sys.argv[1:]
 with open(os.path.join(d, 'calls'), 'a') as f:
   f.write(json.dumps(args) + '\\n')
-assert args[:3] == ['compute', 'tpus', 'tpu-vm'], args
+assert args[:3] in (['compute', 'tpus', 'tpu-vm'], ['compute', 'tpus', 'queued-resources']), args
 verb = args[3]
+queued = args[2] == 'queued-resources'
 state = os.path.join(d, 'state')
 home = os.path.join(d, 'home')
 def read(name, default=''):
   p = os.path.join(d, name)
   return open(p).read().strip() if os.path.exists(p) else default
+if verb == 'describe' and queued:   # the node of a queued resource comes up at once here
+  if not os.path.exists(state):
+    sys.stderr.write('ERROR: NOT_FOUND\\n'); sys.exit(1)
+  print('ACTIVE'); sys.exit(0)
 if verb == 'describe':
   if not os.path.exists(state):
     sys.stderr.write('ERROR: NOT_FOUND\\n'); sys.exit(1)
@@ -321,8 +334,11 @@ def test_tpu_preemption_recreates_and_reruns_the_same_command(fake_tpu):
   launch, calls, t5x_runs, d = fake_tpu
   proc = launch('preempt,ok')
   assert proc.returncode == 0, proc.stderr
-  assert _verbs(calls()) == ['create', 'scp', 'ssh', 'ssh', 'describe',        # run 1: preempted
-                             'delete', 'create', 'scp', 'ssh', 'ssh']         # recreated, run 2
+  # Queued resources: create + describe (ACTIVE); the node's describe after the failure.
+  assert _verbs(calls()) == ['create', 'describe', 'scp', 'ssh', 'ssh', 'describe',  # run 1
+                             'delete', 'create', 'describe', 'scp', 'ssh', 'ssh']  # run 2
+  assert [c[2] for c in calls() if c[3] in ('create', 'delete')] == ['queued-resources'] * 3
+  assert '--force' in next(c for c in calls() if c[3] == 'delete')
   runs = t5x_runs()
   assert len(runs) == 2
   expected = T5X_ARGS + ['--gin.MODEL_DIR="/mnt/shared/run"']
@@ -343,8 +359,8 @@ def test_tpu_failure_on_ready_vm_reruns_without_recreating(fake_tpu):
   proc = launch('fail,ok')
   assert proc.returncode == 0, proc.stderr
   # describe says READY: stop leftovers (ssh), run again (ssh); no delete/create/install.
-  assert _verbs(calls()) == ['create', 'scp', 'ssh', 'ssh', 'describe', 'ssh', 'ssh']
-  assert 'kill' in calls()[5][-1] and '.t5x.pid' in calls()[5][-1]
+  assert _verbs(calls()) == ['create', 'describe', 'scp', 'ssh', 'ssh', 'describe', 'ssh', 'ssh']
+  assert 'kill' in calls()[6][-1] and '.t5x.pid' in calls()[6][-1]
   assert len(t5x_runs()) == 2
 
 
@@ -368,13 +384,13 @@ def test_tpu_failure_before_the_first_run_is_not_retried(fake_tpu):
 def test_tpu_create_without_capacity_is_retried_without_using_restarts(fake_tpu):
   launch, calls, t5x_runs, d = fake_tpu
   (d / 'create_fails').write_text('capacity:2')
-  proc = launch('ok', '--max-restarts', '0')
+  proc = launch('ok', '--max-restarts', '0', '--no-queued')
   assert proc.returncode == 0, proc.stderr
   assert _verbs(calls())[:6] == ['create', 'describe', 'create', 'describe', 'create', 'scp']
   assert 'create retry 2/10' in proc.stderr and len(t5x_runs()) == 1
   (d / 'create_fails').write_text('capacity:5')
   (d / 'state').unlink()
-  proc = launch('ok', '--capacity-retries', '1')
+  proc = launch('ok', '--capacity-retries', '1', '--no-queued')
   assert proc.returncode == 1 and 'failed before t5x started' in proc.stderr
 
 
