@@ -15,9 +15,9 @@ Requests for different prompts are micro-batched: rows wait at most
 --max_wait_ms for others and go to the device together, up to --max_batch
 rows, each with its own prompt (a PromptBank, many_prompts.py). Every device
 call has one shape (max_batch x max_input_tokens, decoding max_decode_tokens),
-so nothing recompiles while serving; the bank keeps spare rows, so a reload
-recompiles only when a prompt longer than the longest one arrives or the
-spare rows run out, and the new bank is compiled before it replaces the old.
+so nothing recompiles while serving. A reload builds the new bank and compiles
+its programs while the old bank keeps serving, then swaps them (a reload that
+changes no prompt length keeps the compiled programs).
 
 Inputs are the task's preprocessed text (what `t5x infer` shows as
 "inputs"). A bad request gets a 4xx with a message; nothing a client sends
@@ -160,7 +160,7 @@ class PromptService:
     lib = library.load_library(self.library, self.step)
     paths = library.find_prompt_files(self.library, self.step)
     k = len(lib)
-    capacity = max(capacity or 0, 2 * k)  # spare rows: adding prompts keeps the shapes
+    capacity = max(capacity or 0, 2 * k)  # spare rows: the bank's row count changes less often
     bank = many_prompts.load_bank(lib, self.config, self.frozen, self.vocab, capacity=capacity)
     bank.sources = [str(paths[n]) for n in bank.names]
     old = self.bank
