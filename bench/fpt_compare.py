@@ -140,11 +140,14 @@ def main() -> int:
   parser.add_argument('--seeds', type=int, nargs='+', default=[0],
                       help='training seeds (data order, prompt init); runs go under OUT/seed_N')
   parser.add_argument('--schedule', choices=['paper', 'thirds'], default='paper')
+  parser.add_argument('--variants', nargs='+', default=None,
+                      help='a subset of: plain, layer dropping, FFN reduction, compound')
   parser.add_argument('--jobs', type=int, default=2)
   args = parser.parse_args()
   t0 = time.time()
   jobs = [(seed, t, name, flags) for seed in args.seeds for t in args.tasks
-          for name, flags in variants(args.steps, args.schedule).items()]
+          for name, flags in variants(args.steps, args.schedule).items()
+          if args.variants is None or name in args.variants + ['plain']]
   jobs += [(seed, t, name, flags) for seed in args.seeds[:1] for t in args.partial_alone_tasks
            for name, flags in PARTIAL_ALONE.items()]
   run_dir = lambda seed, task, name: os.path.join(args.out, f'seed_{seed}', task,
