@@ -167,6 +167,63 @@ def train_dataset(task_name: str, task_feature_lengths: Mapping[str, int], batch
   return map(model_batch, ds.prefetch(tf.data.AUTOTUNE).as_numpy_iterator())
 
 
+# ---------------------------------------------------------------------------
+# Length buckets: each batch padded to the smallest bucket its rows fit in.
+# ---------------------------------------------------------------------------
+def resolve_buckets(length_buckets: Any, task_feature_lengths: Mapping[str, int]
+                    ) -> Optional[dict]:
+  """{'inputs': [lengths...], 'targets': [...]}, each ending at the feature
+  length, from `train.length_buckets`: None (one shape, T5X's), 'pow2'
+  (powers of two from 8 up to each feature length) or {'inputs': [...],
+  'targets': [...]} (a feature left out keeps its one length)."""
+  if length_buckets is None:
+    return None
+  out = {}
+  for feature in ('inputs', 'targets'):
+    full = int(task_feature_lengths[feature])
+    spec = length_buckets if isinstance(length_buckets, str) else dict(length_buckets).get(feature)
+    if spec is None:
+      sizes = []
+    elif spec == 'pow2':
+      sizes = [2 ** k for k in range(3, 31) if 2 ** k < full]
+    elif isinstance(spec, str):
+      raise DataError(f"train.length_buckets: {spec!r} is not a bucket spec; use 'pow2' or a "
+                      "list of lengths, e.g. {'inputs': [64, 128, 256]}.")
+    else:
+      sizes = sorted({int(n) for n in spec})
+      if sizes and sizes[0] < 1:
+        raise DataError(f'train.length_buckets[{feature!r}] has a length < 1: {sizes}.')
+      sizes = [n for n in sizes if n < full]
+    out[feature] = sizes + [full]
+  return out
+
+
+def _used_length(tokens: np.ndarray) -> int:
+  """Columns up to the last non-padding token of any row (at least 1)."""
+  cols = np.nonzero(np.asarray(tokens).any(axis=0))[0]
+  return int(cols[-1]) + 1 if len(cols) else 1
+
+
+def bucket_batch(batch: Mapping[str, np.ndarray], buckets: Mapping[str, Sequence[int]]
+                 ) -> dict:
+  """The batch cut to the smallest buckets that hold its longest input and
+  target: only padding columns are dropped, so the loss is the same. All
+  processes call it for every global batch and agree on the lengths (the
+  longest row of any host's share decides), so one program runs everywhere."""
+  need = np.array([_used_length(batch['encoder_input_tokens']),
+                   _used_length(batch['decoder_target_tokens'])], np.int32)
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    need = np.asarray(multihost_utils.process_allgather(need)).reshape(-1, 2).max(axis=0)
+  inputs = next(n for n in buckets['inputs'] if n >= need[0])
+  targets = next(n for n in buckets['targets'] if n >= need[1])
+  out = dict(batch)
+  out['encoder_input_tokens'] = batch['encoder_input_tokens'][:, :inputs]
+  for k in ('decoder_input_tokens', 'decoder_target_tokens'):
+    out[k] = batch[k][:, :targets]
+  return out
+
+
 def first_examples(task_name: str, task_feature_lengths: Mapping[str, int],
                    num_examples: int, split: str = 'validation') -> dict:
   """The first examples of a split as one batch of model features."""

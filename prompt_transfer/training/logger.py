@@ -2,8 +2,9 @@
 
 `StepLogger` is what the trainer reports through: loss and the step's other
 metrics, learning rate, examples/s, the compiled step's FLOPs and MFU, and the
-compile counter (one compile of the train step per stage is expected; any
-other is a bug, a shape or dtype that changed, logged as `recompilations`).
+compile counter (one compile of the train step per stage and length bucket is
+expected; any other is a bug, a shape or dtype that changed, logged as
+`recompilations`).
 """
 from __future__ import annotations
 
@@ -131,6 +132,15 @@ class StepLogger:
     self.stages_started += 1
     self.step_flops = step_flops
 
+  def new_shape(self, step_flops: Optional[float]) -> None:
+    """Another length bucket's batch shape: one more expected compile, its own FLOPs."""
+    self.stages_started += 1
+    self.step_flops = step_flops
+
+  def use_shape(self, step_flops: Optional[float]) -> None:
+    """A batch shape seen before (its compiled step and FLOPs are known)."""
+    self.step_flops = step_flops
+
   @property
   def recompilations(self) -> int:
     return max(0, self.compiles.count - self.stages_started)
@@ -170,7 +180,7 @@ class StepLogger:
     if self.recompilations > self._warned:
       self._warned = self.recompilations
       log(f'warning: the train step was recompiled {self.recompilations} time(s) '
-          'beyond one compile per stage')
+          'beyond one compile per stage and length bucket')
     log(progress_line(done, self.train_steps, loss, out['learning_rate'], ex_per_s,
                       now - self._t0, self.start_step))
     return out

@@ -72,6 +72,7 @@ def train(
     rng_impl: str = 'threefry',
     tensorboard: bool = True,
     task_loss_weight: float = 1.0,
+    length_buckets: Any = None,
 ) -> dict:
   """Trains the prompt module (or any parameters matching `trainable_params`).
 
@@ -88,7 +89,10 @@ def train(
   write TensorBoard events to MODEL_DIR/train (through TensorFlow's own
   filesystems; metrics.jsonl is always written). task_loss_weight: the task
   loss's weight beside the prompt module's sown losses (0: a projector's
-  distance minimisation).
+  distance minimisation). length_buckets: None (every batch padded to
+  TASK_FEATURE_LENGTHS, T5X's one shape), 'pow2' or {'inputs': [...],
+  'targets': [...]}: each batch is cut to the smallest bucket its longest row
+  fits in (data.bucket_batch; one compile per bucket shape, same loss).
   """
   for name, value, least in (('TRAIN_STEPS', train_steps, 0), ('BATCH_SIZE', batch_size, 1),
                              ('train.checkpoint_period', checkpoint_period, 1),
@@ -102,6 +106,7 @@ def train(
   # Task -> vocabulary -> the stages' models, each with the prompt module.
   task = data.get_task(mixture_or_task_name)
   data.check_target_length(mixture_or_task_name, task_feature_lengths)
+  buckets = data.resolve_buckets(length_buckets, task_feature_lengths)
   try:
     epath.Path(model_dir).mkdir(parents=True, exist_ok=True)
   except OSError as e:
@@ -209,16 +214,28 @@ def train(
                                    seed, start_step, host_data_sharding=host_data_sharding,
                                    passthrough=passthrough) if start_step < train_steps else None
       p_train_step = None
+      flops_by_shape: dict = {}  # batch shape -> the compiled step's FLOPs (length buckets)
       for step in range(start_step, train_steps):
         if plan.index_at(step) != stage_i:  # a stage boundary: new model, same state
           stage_i = plan.index_at(step)
           setup = next_stage(stage_i, setup)
           p_train_step = None
-        batch = partitioning.global_batch(next(batches), mesh)
+        host_batch = next(batches)
+        if buckets:  # padded to the batch's bucket, not to TASK_FEATURE_LENGTHS
+          host_batch = data.bucket_batch(host_batch, buckets)
+        batch = partitioning.global_batch(host_batch, mesh)
+        shape = tuple(sorted((k, v.shape) for k, v in batch.items()))
         with partitioning.mesh_context(mesh):
           if p_train_step is None:  # compiles on its first call: one per stage
             p_train_step = step_lib.compile_train_step(setup, use_dropout)
             logger.new_stage(perf_flops(setup, use_dropout, p_train_step, batch, dropout_rng))
+            flops_by_shape = {shape: logger.step_flops}
+          elif shape not in flops_by_shape:  # a new bucket: jit compiles it on this call
+            flops_by_shape[shape] = perf_flops(setup, use_dropout, p_train_step, batch,
+                                               dropout_rng)
+            logger.new_shape(flops_by_shape[shape])
+          else:
+            logger.use_shape(flops_by_shape[shape])
           setup.state, metrics = p_train_step(setup.state, setup.frozen, batch,
                                               jax.random.fold_in(dropout_rng, step))
         if step == start_step or step == plan.bounds[stage_i][0]:
