@@ -59,6 +59,14 @@ class Limits:
   max_decode_tokens: int = 32
   max_inputs_per_request: int = 64
   max_labels: int = 32
+  # Inputs padded to the smallest power of two (from 8) that holds the longest
+  # row of the device call, not to max_input_tokens: one program per bucket.
+  length_buckets: bool = False
+
+  def input_buckets(self) -> List[int]:
+    if not self.length_buckets:
+      return [self.max_input_tokens]
+    return [2 ** k for k in range(3, 31) if 2 ** k < self.max_input_tokens] + [self.max_input_tokens]
 
 
 class MicroBatcher:
@@ -172,9 +180,11 @@ class PromptService:
     return bank
 
   def _warm_up(self, bank: Any) -> None:
-    """Compiles both programs before the bank serves (first requests stay fast)."""
-    self._predict_rows(bank, [(0, [EOS])])
-    self._score_rows(bank, [(0, [EOS], [EOS])])
+    """Compiles both programs (per length bucket) before the bank serves."""
+    for width in self.limits.input_buckets():
+      row = [3] * (width - 1) + [EOS]
+      self._predict_rows(bank, [(0, row)])
+      self._score_rows(bank, [(0, row, [EOS])])
 
   def reload(self) -> dict:
     """Re-reads the library; the old bank serves until the new one is ready.
@@ -216,7 +226,9 @@ class PromptService:
   # -- the device calls (worker thread) ---------------------------------------
   def _batch(self, rows: list, targets: bool) -> dict:
     lim = self.limits
-    enc = np.zeros((lim.max_batch, lim.max_input_tokens), np.int32)
+    longest = max(len(row[1]) for row in rows)
+    width = next(b for b in lim.input_buckets() if b >= longest)
+    enc = np.zeros((lim.max_batch, width), np.int32)
     dec = np.zeros((lim.max_batch, lim.max_decode_tokens), np.int32)
     tgt = np.zeros_like(dec)
     ids = np.zeros((lim.max_batch,), np.int32)
@@ -440,7 +452,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
   parser.add_argument('--host', default='127.0.0.1')
   parser.add_argument('--port', type=int, default=8000)
   for field in dataclasses.fields(Limits):
-    parser.add_argument(f'--{field.name}', type=type(field.default), default=field.default)
+    if isinstance(field.default, bool):
+      parser.add_argument(f'--{field.name}', action='store_true', help='Pad each device call '
+                          'to the smallest power of two holding its longest input.')
+    else:
+      parser.add_argument(f'--{field.name}', type=type(field.default), default=field.default)
   cli._add_common_flags(parser)  # pylint: disable=protected-access
 
 

@@ -101,3 +101,46 @@ def test_two_processes_agree_on_each_batch_bucket(tmp_path):
   assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
   records = [json.loads(l) for l in open(os.path.join(d, 'metrics.jsonl'))]
   assert [r['step'] for r in records] == list(range(1, 7)) and records[-1]['recompilations'] == 0
+
+
+@pytest.mark.parametrize('task', ['synthetic_copy_plain', 'synthetic_greater_versus_rank'])
+def test_eval_and_infer_in_buckets_equal_one_shape(task, tmp_path, monkeypatch):
+  """Decoding (inputs cut, decoding length kept) and rank scoring (inputs and
+  targets cut) in length buckets give the same metrics and predictions."""
+  from in_process import t5x_here  # pylint: disable=g-import-not-at-top
+  from prompt_transfer import load_pretrained  # pylint: disable=g-import-not-at-top
+  from prompt_transfer.prompts import files  # pylint: disable=g-import-not-at-top
+  _, params = load_pretrained('pkg://assets/t5_1_1_tiny_synthetic')
+  emb = params['token_embedder']['embedding']
+  prompt = os.path.join(files.save_prompt_folder(str(tmp_path / 'p'), emb[[5, 40, 77, 120]],
+                                                 files.PromptInfo(prompt_length=4)),
+                        files.PROMPT_FILE)
+  common = ['--gin_file=models/t5_1_1_tiny_synthetic.gin', f'--gin.MIXTURE_OR_TASK_NAME={task}',
+            "--gin.TASK_FEATURE_LENGTHS={'inputs': 64, 'targets': 16}", f'--gin.PROMPT_FILE={prompt}']
+  cut = []  # (inputs, targets) lengths of the batches that were cut
+  real = data.bucket_batch
+
+  def spy(batch, buckets, cut_targets=True):
+    out = real(batch, buckets, cut_targets)
+    cut.append((out['encoder_input_tokens'].shape[1], out['decoder_input_tokens'].shape[1]))
+    return out
+  monkeypatch.setattr(data, 'bucket_batch', spy)
+  got = {}
+  for buckets in ('None', "'pow2'"):
+    out = str(tmp_path / f'eval_{len(buckets)}.json')
+    t5x_here('eval', '--gin_file=runs/eval.gin', *common, '--gin.evaluate.num_examples=24',
+             '--gin.evaluate.batch_size=8', f'--gin.LENGTH_BUCKETS={buckets}',
+             f'--gin.evaluate.output_file={out}')
+    pred = str(tmp_path / f'pred_{len(buckets)}.jsonl')
+    t5x_here('infer', '--gin_file=runs/infer.gin', *common, '--gin.infer.num_examples=24',
+             '--gin.infer.batch_size=8', f'--gin.LENGTH_BUCKETS={buckets}',
+             f'--gin.infer.output_file={pred}')
+    got[buckets] = (json.load(open(out))['metrics'], [json.loads(l) for l in open(pred)])
+  (m0, p0), (m1, p1) = got['None'], got["'pow2'"]
+  assert cut and all(i < 64 for i, _ in cut)  # the inputs really ran shorter
+  assert any(t < 16 for _, t in cut) == task.endswith('_rank')  # decoding keeps its length
+  assert m1 == pytest.approx(m0, abs=1e-6)
+  assert [l['prediction'] for l in p1] == [l['prediction'] for l in p0]
+  for a, b in zip(p1, p0):
+    for word, score in b.get('scores', {}).items():
+      assert a['scores'][word] == pytest.approx(score, rel=1e-5, abs=1e-4)

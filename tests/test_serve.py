@@ -98,6 +98,21 @@ def test_concurrent_mixed_requests_equal_offline_and_are_batched(served):
   assert len(outputs) > 1  # the prompts and inputs change the answers
 
 
+def test_length_buckets_give_the_same_answers(served):
+  """--length_buckets: device calls padded to the batch's bucket, same outputs."""
+  limits = serve.Limits(max_batch=8, max_wait_ms=20, max_input_tokens=32, max_decode_tokens=12,
+                        length_buckets=True)
+  assert limits.input_buckets() == [8, 16, 32]
+  svc = serve.PromptService(served['model'].config, served['frozen'], None,
+                            [str(served['lib'])], limits)
+  bank = svc.bank
+  for name in bank.names[:2]:
+    for text in INPUTS:
+      ids = svc.tokens(text, 'x', 32)
+      assert svc._predict_rows(bank, [(bank.id_of(name), ids)]) == [_offline(served, name, text)]  # pylint: disable=protected-access
+  assert svc._batch([(0, [5] * 10)], False)['encoder_input_tokens'].shape == (8, 16)  # pylint: disable=protected-access
+
+
 def test_label_scores_equal_offline(served):
   name = 'synthetic_majority_yesno'
   labels = ['yes', 'no']

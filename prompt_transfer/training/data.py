@@ -204,12 +204,14 @@ def _used_length(tokens: np.ndarray) -> int:
   return int(cols[-1]) + 1 if len(cols) else 1
 
 
-def bucket_batch(batch: Mapping[str, np.ndarray], buckets: Mapping[str, Sequence[int]]
-                 ) -> dict:
+def bucket_batch(batch: Mapping[str, np.ndarray], buckets: Mapping[str, Sequence[int]],
+                 cut_targets: bool = True) -> dict:
   """The batch cut to the smallest buckets that hold its longest input and
   target: only padding columns are dropped, so the loss is the same. All
   processes call it for every global batch and agree on the lengths (the
-  longest row of any host's share decides), so one program runs everywhere."""
+  longest row of any host's share decides), so one program runs everywhere.
+  cut_targets=False keeps the decoder features whole (decoding: their length
+  is how many tokens may be generated)."""
   need = np.array([_used_length(batch['encoder_input_tokens']),
                    _used_length(batch['decoder_target_tokens'])], np.int32)
   if jax.process_count() > 1:
@@ -219,7 +221,7 @@ def bucket_batch(batch: Mapping[str, np.ndarray], buckets: Mapping[str, Sequence
   targets = next(n for n in buckets['targets'] if n >= need[1])
   out = dict(batch)
   out['encoder_input_tokens'] = batch['encoder_input_tokens'][:, :inputs]
-  for k in ('decoder_input_tokens', 'decoder_target_tokens'):
+  for k in ('decoder_input_tokens', 'decoder_target_tokens') if cut_targets else ():
     out[k] = batch[k][:, :targets]
   return out
 

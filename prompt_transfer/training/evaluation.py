@@ -37,22 +37,40 @@ def iterate_padded_batches(ds: Any, batch_size: int) -> Iterable[Tuple[np.ndarra
     yield idx, batch, n
 
 
+def _eval_buckets(buckets: Optional[Mapping[str, Any]]) -> Optional[Mapping[str, Any]]:
+  """Length buckets for evaluation: one process only (several processes
+  would have to agree on every batch's bucket in lockstep; they keep one shape)."""
+  return buckets if buckets and jax.process_count() == 1 else None
+
+
 def make_predict_fn(model: EncoderDecoderModel, params: Params, batch_size: int,
-                    num_decodes: int = 1) -> Callable[[Any], list]:
+                    num_decodes: int = 1, buckets: Optional[Mapping[str, Any]] = None
+                    ) -> Callable[[Any], list]:
+  """Greedy / beam decoding of an enumerated dataset; with length buckets the
+  encoder input is cut to its bucket (one compile per bucket), the decoding
+  length stays the targets length."""
+  buckets = _eval_buckets(buckets)
+
   def predict_fn(ds: Any) -> list:
     out = []
     for idx, batch, n in iterate_padded_batches(ds, batch_size):
+      if buckets:
+        batch = data.bucket_batch(batch, buckets, cut_targets=False)
       tokens = np.asarray(model.predict_batch(params, batch, num_decodes=num_decodes))
       out.extend((int(i), [int(t) for t in row]) for i, row in zip(idx, tokens[:n]))
     return out
   return predict_fn
 
 
-def make_score_fn(model: EncoderDecoderModel, params: Params, batch_size: int
-                  ) -> Callable[[Any], list]:
+def make_score_fn(model: EncoderDecoderModel, params: Params, batch_size: int,
+                  buckets: Optional[Mapping[str, Any]] = None) -> Callable[[Any], list]:
+  buckets = _eval_buckets(buckets)
+
   def score_fn(ds: Any) -> list:
     out = []
     for idx, batch, n in iterate_padded_batches(ds, batch_size):
+      if buckets:
+        batch = data.bucket_batch(batch, buckets)
       scores = np.asarray(model.score_batch(params, batch))
       out.extend((int(i), float(s)) for i, s in zip(idx, scores[:n]))
     return out
@@ -60,14 +78,16 @@ def make_score_fn(model: EncoderDecoderModel, params: Params, batch_size: int
 
 
 def run_evaluation(evaluator: Any, model: EncoderDecoderModel, params: Params,
-                   batch_size: int, step: Optional[int] = None, outputs: Any = None) -> dict:
+                   batch_size: int, step: Optional[int] = None, outputs: Any = None,
+                   buckets: Optional[Mapping[str, Any]] = None) -> dict:
   """Runs the task metrics -> {'task/metric': value} (floats). outputs: the
   model outputs already computed (many_prompts.MixedOutputs), else the model
   runs task by task."""
   future, _ = evaluator.evaluate(
       compute_metrics=True, step=step,
-      predict_fn=outputs.predict_fn if outputs else make_predict_fn(model, params, batch_size),
-      score_fn=outputs.score_fn if outputs else make_score_fn(model, params, batch_size))
+      predict_fn=outputs.predict_fn if outputs else make_predict_fn(model, params, batch_size,
+                                                                    buckets=buckets),
+      score_fn=outputs.score_fn if outputs else make_score_fn(model, params, batch_size, buckets))
   results = future.result() if hasattr(future, 'result') else future
   flat = {}
   for task, metrics in (results or {}).items():
@@ -87,7 +107,7 @@ def _is_rank_task(task: Any) -> bool:
 
 def write_predictions(path: str, evaluator: Any, model: EncoderDecoderModel,
                       params: Params, batch_size: int, num_decodes: int = 1,
-                      outputs: Any = None) -> int:
+                      outputs: Any = None, buckets: Optional[Mapping[str, Any]] = None) -> int:
   """Writes JSON lines {task, inputs, targets, prediction}, one per example.
 
   Generation tasks are decoded. Rank twins (`<task>_rank`) are scored instead:
@@ -96,8 +116,8 @@ def write_predictions(path: str, evaluator: Any, model: EncoderDecoderModel,
   outputs: precomputed model outputs (many_prompts.MixedOutputs).
   """
   predict_fn = outputs.predict_fn if outputs else make_predict_fn(model, params, batch_size,
-                                                                  num_decodes)
-  score_fn = outputs.score_fn if outputs else make_score_fn(model, params, batch_size)
+                                                                  num_decodes, buckets)
+  score_fn = outputs.score_fn if outputs else make_score_fn(model, params, batch_size, buckets)
   lines = []
   for task in evaluator.eval_tasks:
     ds = evaluator.cached_model_datasets[task.name]
@@ -228,7 +248,7 @@ def evaluate(model_dir: Optional[str] = None, mixture_or_task_name: str = gin.RE
              split: str = 'validation', batch_size: int = 32,
              num_examples: Optional[int] = None, model_seed: int = 0,
              output_file: Optional[str] = None, allow_no_prompt: bool = False,
-             prompt_library: Any = None) -> dict:
+             prompt_library: Any = None, length_buckets: Any = None) -> dict:
   """Evaluates a prompt (PROMPT_FILE, or MODEL_DIR's latest numpy checkpoint;
   neither: an error unless allow_no_prompt, the frozen model's zero-shot score).
   With PROMPT_LIBRARY (folders or files of prompts), every task of the mixture
@@ -251,7 +271,8 @@ def evaluate(model_dir: Optional[str] = None, mixture_or_task_name: str = gin.RE
       prompt_file, model_dir, checkpoint_path, model_seed,
       vocabulary=task.output_features['targets'].vocabulary)
   evaluator = data.build_evaluator(task.name, task_feature_lengths, split, num_examples)
-  results = run_evaluation(evaluator, model, params, batch_size)
+  results = run_evaluation(evaluator, model, params, batch_size,
+                           buckets=data.resolve_buckets(length_buckets, task_feature_lengths))
   print(f'[prompt-transfer] eval of {source} on {task.name} ({split}): ' +
         ', '.join(f'{k} {v:.4g}' for k, v in sorted(results.items())), flush=True)
   output_file = output_file or (os.fspath(epath.Path(model_dir) / f'eval_{split}.json')
@@ -269,7 +290,8 @@ def infer(model_dir: Optional[str] = None, mixture_or_task_name: str = gin.REQUI
           prompt_file: Optional[str] = None, checkpoint_path: Optional[str] = None,
           split: str = 'validation', batch_size: int = 32, num_decodes: int = 1,
           num_examples: Optional[int] = None, model_seed: int = 0,
-          output_file: Optional[str] = None, prompt_library: Any = None) -> str:
+          output_file: Optional[str] = None, prompt_library: Any = None,
+          length_buckets: Any = None) -> str:
   """Decodes a split and writes JSON lines {task, inputs, targets, prediction}.
   With PROMPT_LIBRARY: every task of the mixture with its own prompt from the
   library, in batches mixing the tasks."""
@@ -295,7 +317,8 @@ def infer(model_dir: Optional[str] = None, mixture_or_task_name: str = gin.REQUI
   evaluator = data.build_evaluator(task.name, task_feature_lengths, split, num_examples)
   output_file = output_file or os.fspath(epath.Path(model_dir or '.') /
                                          f'predictions_{split}.jsonl')
-  n = write_predictions(output_file, evaluator, model, params, batch_size, num_decodes)
+  n = write_predictions(output_file, evaluator, model, params, batch_size, num_decodes,
+                        buckets=data.resolve_buckets(length_buckets, task_feature_lengths))
   print(f'[prompt-transfer] wrote {n} predictions to {output_file}', flush=True)
   return output_file
 
