@@ -539,13 +539,15 @@ def matmul_ceiling(gemm: Dict[str, Any], achieved: Dict[str, float]) -> Dict[str
 # ---------------------------------------------------------------------------
 # Driver.
 # ---------------------------------------------------------------------------
-def run_worker(side: str, spec: Dict[str, Any], timeout: float) -> Dict[str, Any]:
-  """One measurement in a fresh process; peak RSS from wait4's rusage."""
+def run_worker(side: str, spec: Dict[str, Any], timeout: float,
+               script: Optional[str] = None) -> Dict[str, Any]:
+  """One measurement in a fresh process (`script --worker side`, this file
+  by default); peak RSS from wait4's rusage."""
   with tempfile.TemporaryDirectory() as tmp:
     spec_path, result_path = os.path.join(tmp, 'spec.json'), os.path.join(tmp, 'result.json')
     with open(spec_path, 'w') as f:
       json.dump(spec, f)
-    cmd = [sys.executable, os.path.abspath(__file__), '--worker', side, '--spec', spec_path,
+    cmd = [sys.executable, script or os.path.abspath(__file__), '--worker', side, '--spec', spec_path,
            '--result', result_path]
     env = dict(os.environ)
     env.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')

@@ -139,15 +139,21 @@ def _task_rows(ds: Any, task_id: int) -> Dict[str, np.ndarray]:
 
 
 def run_mixed(fn: Callable[[dict], np.ndarray], tasks: Mapping[str, Dict[str, np.ndarray]],
-              batch_size: int, seed: int = 0) -> Dict[str, list]:
+              batch_size: int, seed: int = 0, buckets: Optional[Mapping[str, Any]] = None,
+              cut_targets: bool = True) -> Dict[str, list]:
   """fn over the rows of all tasks shuffled together in batches of
   `batch_size` (the last one padded) -> {task: [(idx, output), ...]} in seqio
-  index order. Shuffling makes every batch a mix of tasks, as a server sees."""
+  index order. Shuffling makes every batch a mix of tasks, as a server sees.
+  With length buckets the shuffled rows are grouped by bucket (tasks still
+  mix within one) and each batch is cut to its bucket (cut_targets: as
+  data.bucket_batch; False when decoding)."""
   names = list(tasks)
   keys = sorted({k for rows in tasks.values() for k in rows})
   merged = {k: np.concatenate([tasks[n][k] for n in names]) for k in keys}
   owner = np.concatenate([np.full(len(tasks[n]['_idx']), i) for i, n in enumerate(names)])
   order = np.random.RandomState(seed).permutation(len(owner))
+  if buckets:
+    order = data.length_order(merged['encoder_input_tokens'], buckets['inputs'], order)
   out: Dict[str, list] = {n: [] for n in names}
   for start in range(0, len(order), batch_size):
     take = order[start:start + batch_size]
@@ -155,6 +161,8 @@ def run_mixed(fn: Callable[[dict], np.ndarray], tasks: Mapping[str, Dict[str, np
     if n < batch_size:  # one shape for every batch: pad with copies of the first row
       take = np.concatenate([take, np.repeat(take[:1], batch_size - n)])
     batch = {k: v[take] for k, v in merged.items() if k != '_idx'}
+    if buckets:
+      batch = data.bucket_batch(batch, buckets, cut_targets)
     result = np.asarray(fn(batch))
     for row, i in enumerate(take[:n]):
       out[names[owner[i]]].append((int(merged['_idx'][i]), result[row]))
@@ -183,9 +191,9 @@ class MixedOutputs:
 
 
 def mixed_outputs(evaluator: Any, bank: Bank, batch_size: int, num_decodes: int = 1,
-                  seed: int = 0) -> MixedOutputs:
+                  seed: int = 0, buckets: Optional[Mapping[str, Any]] = None) -> MixedOutputs:
   """Decodes / scores every task of `evaluator` with its own prompt from
-  `bank`, in batches that mix the tasks."""
+  `bank`, in batches that mix the tasks (grouped by length bucket if given)."""
   task_ids, missing = {}, []
   for task in evaluator.eval_tasks:
     try:
@@ -208,8 +216,9 @@ def mixed_outputs(evaluator: Any, bank: Bank, batch_size: int, num_decodes: int 
       to_score[task.name] = rows
   model, params = bank.model, bank.params
   predictions = run_mixed(lambda b: model.predict_batch(params, b, num_decodes=num_decodes),
-                          to_predict, batch_size, seed) if to_predict else {}
+                          to_predict, batch_size, seed, buckets,
+                          cut_targets=False) if to_predict else {}
   scores = run_mixed(lambda b: model.score_batch(params, b), to_score, batch_size,
-                     seed) if to_score else {}
+                     seed, buckets) if to_score else {}
   by_dataset = {id(datasets[t.name]): t.name for t in evaluator.eval_tasks}
   return MixedOutputs(predictions, scores, by_dataset)

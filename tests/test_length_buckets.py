@@ -15,11 +15,17 @@ LENGTHS = {'inputs': 64, 'targets': 8}
 
 def test_resolve_buckets():
   assert data.resolve_buckets(None, LENGTHS) is None
-  assert data.resolve_buckets('pow2', LENGTHS) == {'inputs': [8, 16, 32, 64], 'targets': [8]}
+  assert data.resolve_buckets('pow2', LENGTHS) == {'inputs': [8, 16, 32, 64],
+                                                   'targets': [2, 4, 8]}
+  assert data.resolve_buckets('pow2/2', LENGTHS) == {
+      'inputs': [8, 12, 16, 24, 32, 48, 64], 'targets': [2, 3, 4, 6, 8]}
+  assert data.resolve_buckets({'inputs': 'pow2/4'}, LENGTHS)['inputs'] == [
+      8, 10, 12, 14, 16, 20, 24, 28, 32, 40, 48, 56, 64]
   assert data.resolve_buckets({'inputs': [48, 16, 100]}, LENGTHS) == {
       'inputs': [16, 48, 64], 'targets': [8]}
-  with pytest.raises(data.DataError, match="'pow3' is not a bucket spec"):
-    data.resolve_buckets('pow3', LENGTHS)
+  for bad in ('pow3', 'pow2/0', 'pow2/x'):
+    with pytest.raises(data.DataError, match=f"'{bad}' is not a bucket spec"):
+      data.resolve_buckets(bad, LENGTHS)
   with pytest.raises(data.DataError, match='length < 1'):
     data.resolve_buckets({'inputs': [0, 8]}, LENGTHS)
 
@@ -42,7 +48,39 @@ def test_bucket_batch_drops_only_padding():
   np.testing.assert_array_equal(out['task_ids'], batch['task_ids'])
 
 
-def _run(model_dir, steps, buckets, use_dropout=False):
+def test_group_by_length_batches_one_bucket_each():
+  """Every batch holds rows of one inputs bucket and one targets bucket,
+  every example is used at most once, and the order is reproducible."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  rs = np.random.RandomState(1)
+  n = 200
+  lengths = rs.randint(1, 65, n)
+  tlengths = rs.randint(1, 9, n)
+  enc = np.zeros((n, 64), np.int32)
+  tgt = np.zeros((n, 8), np.int32)
+  for i in range(n):
+    enc[i, :lengths[i]] = i + 2   # the row's id, to follow it through the grouping
+    tgt[i, :tlengths[i]] = 3
+  buckets = {'inputs': [8, 16, 32, 64], 'targets': [4, 8]}
+  ds = tf.data.Dataset.from_tensor_slices({'encoder_input_tokens': enc,
+                                           'decoder_target_tokens': tgt})
+  group = data.group_by_length(buckets)
+  batches = list(group(ds, 4).as_numpy_iterator())
+  again = list(group(ds, 4).as_numpy_iterator())
+  assert all(np.array_equal(a['encoder_input_tokens'], b['encoder_input_tokens'])
+             for a, b in zip(batches, again)) and len(batches) == len(again)
+  bucket_of = lambda x, sizes: next(k for k, s in enumerate(sizes) if s >= x)  # noqa: E731
+  ids = []
+  for b in batches:
+    rows = b['encoder_input_tokens'][:, 0] - 2
+    ids.extend(rows)
+    assert len({bucket_of(lengths[r], buckets['inputs']) for r in rows}) == 1
+    assert len({bucket_of(tlengths[r], buckets['targets']) for r in rows}) == 1
+  assert len(ids) == len(set(ids)) > n - 8 * 4   # at most 3 rows left over per (inputs, targets) bucket
+  assert ids != sorted(ids)   # grouping reorders
+
+
+def _run(model_dir, steps, buckets, use_dropout=False, grouping=False):
   import tasks  # noqa: F401  pylint: disable=g-import-not-at-top,unused-import
   from prompt_transfer.model.config import get_config  # pylint: disable=g-import-not-at-top
   from prompt_transfer.prompts import initializers  # pylint: disable=g-import-not-at-top
@@ -53,7 +91,8 @@ def _run(model_dir, steps, buckets, use_dropout=False):
       task_feature_lengths=LENGTHS, train_steps=steps, batch_size=8,
       config=get_config('t5_1_1', 'tiny', vocab_size=384),
       prompt_module=free_prompt(4, initializers.from_sampled_vocab()), checkpoint_period=3,
-      log_period=1, seed=5, tensorboard=False, length_buckets=buckets, use_dropout=use_dropout)
+      log_period=1, seed=5, tensorboard=False, length_buckets=buckets, use_dropout=use_dropout,
+      length_grouping=grouping)
   return [json.loads(l) for l in open(os.path.join(model_dir, 'metrics.jsonl'))]
 
 
@@ -82,9 +121,27 @@ def test_bucketed_training_matches_one_shape_and_resumes_bit_exact(tmp_path):
   assert [r['step'] for r in resumed] == list(range(1, 9))
 
 
+def test_grouped_training_pays_for_less_padding_and_resumes_bit_exact(tmp_path):
+  """LENGTH_GROUPING: copy inputs (10-19 tokens with EOS) fall in two buckets;
+  grouped batches use the shorter one about half of the time, where random
+  batches of 8 almost never do. Resume stays bit-exact (dropout on)."""
+  from prompt_transfer.training import trainer  # pylint: disable=g-import-not-at-top
+  buckets = {'inputs': [16, 24]}
+  plain = _run(tmp_path / 'plain', 8, buckets, use_dropout=True)
+  grouped = _run(tmp_path / 'grouped', 8, buckets, use_dropout=True, grouping=True)
+  assert grouped[-1]['train_flops_total'] < 0.9 * plain[-1]['train_flops_total']
+  assert grouped[-1]['recompilations'] == 0
+  _run(tmp_path / 'resumed', 5, buckets, use_dropout=True, grouping=True)
+  _run(tmp_path / 'resumed', 8, buckets, use_dropout=True, grouping=True)
+  np.testing.assert_array_equal(_prompt(tmp_path / 'resumed', 8), _prompt(tmp_path / 'grouped', 8))
+  with pytest.raises(trainer.TrainingError, match='give LENGTH_BUCKETS too'):
+    _run(tmp_path / 'bad', 1, None, grouping=True)
+
+
 def test_two_processes_agree_on_each_batch_bucket(tmp_path):
-  """With seqio's per-host shards each process sees other rows: they must
-  still pick one bucket per global batch (else the step would not run)."""
+  """With seqio's per-host shards each process sees other rows (and groups
+  its own shard by length): they must still pick one bucket per global batch
+  (else the step would not run)."""
   import subprocess  # pylint: disable=g-import-not-at-top
   import sys  # pylint: disable=g-import-not-at-top
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -96,6 +153,7 @@ def test_two_processes_agree_on_each_batch_bucket(tmp_path):
        '--gin_file=runs/quickstart.gin', '--gin.TRAIN_STEPS=6', '--gin.BATCH_SIZE=8',
        '--gin.PROMPT_LENGTH=4', '--gin.train.log_period=1', '--gin.train.eval_period=None',
        "--gin.train.host_data_sharding='seqio'", "--gin.LENGTH_BUCKETS='pow2'",
+       '--gin.LENGTH_GROUPING=True',
        '--gin.train.tensorboard=False', f'--gin.MODEL_DIR={d}'],
       cwd=root, env=env, capture_output=True, text=True, timeout=400)
   assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -144,3 +202,25 @@ def test_eval_and_infer_in_buckets_equal_one_shape(task, tmp_path, monkeypatch):
   for a, b in zip(p1, p0):
     for word, score in b.get('scores', {}).items():
       assert a['scores'][word] == pytest.approx(score, rel=1e-5, abs=1e-4)
+
+
+def test_logged_mfu_counts_each_bucket_step(tmp_path, monkeypatch):
+  """With buckets the steps of one logging window differ in cost: the MFU is
+  the window's summed FLOPs over its time, not the last step's times the rate."""
+  from prompt_transfer.training import logger as logger_lib  # pylint: disable=g-import-not-at-top
+  calls = []   # the logger starts at t=100 s; the record comes 4 s later
+
+  def clock():
+    calls.append(1)
+    return 100.0 if len(calls) == 1 else 104.0
+  monkeypatch.setattr(logger_lib.time, 'time', clock)
+  with logger_lib.StepLogger(str(tmp_path), 0, 10, 8, lambda s: 0.3, tensorboard=False) as log:
+    log.peak = 1e9   # as on an accelerator with a 1 GFLOP/s peak
+    log.new_stage(1e9)
+    log.step_done()
+    log.new_shape(3e9)   # a longer bucket
+    log.step_done()
+    record = log.record(2, {'loss': np.float32(1.0)}, None)
+  assert record['mfu'] == pytest.approx((1e9 + 3e9) / 4.0 / 1e9)
+  assert record['train_flops_total'] == pytest.approx(4e9)
+  assert record['train_step_flops'] == 3e9

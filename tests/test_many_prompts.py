@@ -52,7 +52,7 @@ def _metrics(out_file):
 
 def test_mixed_eval_and_infer_equal_each_task_alone(library, tmp_path):
   mixed = str(tmp_path / 'mixed.json')
-  t5x_here('eval', *COMMON, f'--gin.MIXTURE_OR_TASK_NAME={MIXTURE}',
+  t5x_here('eval', *COMMON, f'--gin.MIXTURE_OR_TASK_NAME={MIXTURE}', '--gin.LENGTH_BUCKETS=None',
            f'--gin.PROMPT_LIBRARY={library["root"]}', f'--gin.evaluate.output_file={mixed}')
   got = _metrics(mixed)
   assert sorted(k.split('/')[0] for k in got) == sorted(TASKS)
@@ -66,7 +66,7 @@ def test_mixed_eval_and_infer_equal_each_task_alone(library, tmp_path):
   pred = str(tmp_path / 'mixed.jsonl')
   t5x_here('infer', MODEL, '--gin_file=runs/infer.gin', LENGTHS, '--gin.infer.num_examples=20', '--gin.infer.batch_size=8',
            f'--gin.MIXTURE_OR_TASK_NAME={MIXTURE}', f'--gin.PROMPT_LIBRARY={library["root"]}',
-           f'--gin.infer.output_file={pred}')
+           '--gin.LENGTH_BUCKETS=None', f'--gin.infer.output_file={pred}')
   lines = [json.loads(l) for l in open(pred)]
   for task in TASKS:
     alone = str(tmp_path / f'{task}.jsonl')
@@ -79,6 +79,18 @@ def test_mixed_eval_and_infer_equal_each_task_alone(library, tmp_path):
     for a, b in zip(have, want):
       for word, score in b.get('scores', {}).items():
         assert a['scores'][word] == pytest.approx(score, rel=1e-5, abs=1e-4)
+  # In length buckets (the default: rows grouped by length, tasks still mixed): the same.
+  bucketed = str(tmp_path / 'bucketed.json')
+  t5x_here('eval', *COMMON, f'--gin.MIXTURE_OR_TASK_NAME={MIXTURE}', "--gin.LENGTH_BUCKETS='pow2'",
+           f'--gin.PROMPT_LIBRARY={library["root"]}', f'--gin.evaluate.output_file={bucketed}')
+  for name, value in _metrics(bucketed).items():
+    assert got[name] == pytest.approx(value, abs=1e-6), name
+  pred_b = str(tmp_path / 'bucketed.jsonl')
+  t5x_here('infer', MODEL, '--gin_file=runs/infer.gin', LENGTHS, '--gin.infer.num_examples=20', '--gin.infer.batch_size=8',
+           f'--gin.MIXTURE_OR_TASK_NAME={MIXTURE}', f'--gin.PROMPT_LIBRARY={library["root"]}',
+           "--gin.LENGTH_BUCKETS='pow2'", f'--gin.infer.output_file={pred_b}')
+  assert [l['prediction'] for l in map(json.loads, open(pred_b))] == [
+      l['prediction'] for l in lines]
   # Not a degenerate check: the prompts change what the model says.
   copy_preds = {l['prediction'] for l in lines if l['task'] == 'synthetic_copy_plain'}
   assert len(copy_preds) > 1
@@ -122,3 +134,35 @@ def test_library_refusals(library, tmp_path, capsys):
                            f'--gin.PROMPT_LIBRARY={other}',
                            f'--gin.PROMPT_FILE={library["paths"]["synthetic_copy_plain"]}')
   assert code == 1 and 'leave MODEL_DIR and PROMPT_FILE unset' in err, err
+
+
+def test_mixed_batches_in_length_buckets():
+  """Rows grouped by length bucket, each batch cut to its bucket, tasks still
+  mixed within a bucket, every output back at its task and index."""
+  rs = np.random.RandomState(0)
+  rows = {}
+  for i, t in enumerate('abc'):
+    lengths = rs.randint(1, 64, 12)
+    enc = np.zeros((12, 64), np.int32)
+    for j, n in enumerate(lengths):
+      enc[j, :n] = 7
+    rows[t] = {'_idx': np.arange(12), 'encoder_input_tokens': enc,
+               'decoder_input_tokens': np.zeros((12, 4), np.int32),
+               'decoder_target_tokens': np.full((12, 4), 3, np.int32), 'x': np.full(12, i)}
+  buckets = {'inputs': [8, 16, 32, 64], 'targets': [4]}
+  widths, mixed = [], 0
+
+  def fn(batch):
+    width = batch['encoder_input_tokens'].shape[1]
+    used = (batch['encoder_input_tokens'] != 0).sum(1)
+    widths.append(width)
+    assert used.max() <= width and (width == 8 or used.max() > width // 2)  # its own bucket
+    nonlocal mixed
+    mixed += len(set(batch['x'].tolist())) > 1
+    return batch['x'] * 100 + used
+  out = many_prompts.run_mixed(fn, rows, batch_size=4, buckets=buckets)
+  assert sorted(set(widths)) == [8, 16, 32, 64] and widths == sorted(widths)
+  assert mixed >= len(widths) // 2
+  for i, t in enumerate('abc'):
+    used = (rows[t]['encoder_input_tokens'] != 0).sum(1)
+    assert [(idx, int(v)) for idx, v in out[t]] == [(j, 100 * i + used[j]) for j in range(12)]

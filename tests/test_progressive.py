@@ -136,7 +136,8 @@ RUN = ['--gin_file=models/t5_1_1_tiny.gin', '--gin_file=runs/prompt_tune.gin',
        "--gin.TASK_FEATURE_LENGTHS={'inputs': 32, 'targets': 16}", '--gin.TRAIN_STEPS=8',
        '--gin.BATCH_SIZE=8', '--gin.PROMPT_LENGTH=4', '--gin.train.log_period=1',
        '--gin.train.checkpoint_period=2', '--gin.train.keep_checkpoints=None',
-       '--gin.train.tensorboard=False']
+       '--gin.train.tensorboard=False',
+       '--gin.LENGTH_BUCKETS=None']   # one batch shape: step FLOPs compare the models alone
 FPT = ['--gin_file=runs/fpt.gin', '--gin.FPT_SCHEDULE=[(4, 0.5, 0.5), (None, 1.0, 1.0)]',
        '--gin.FPT_SCORE_EXAMPLES=16', '--gin.train.eval_period=4',
        '--gin.train.eval_num_examples=8']

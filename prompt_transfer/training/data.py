@@ -133,7 +133,9 @@ def model_batch(batch: Mapping[str, Any]) -> dict:
 def train_dataset(task_name: str, task_feature_lengths: Mapping[str, int], batch_size: int,
                   seed: int, start_step: int, split: str = 'train',
                   host_data_sharding: str = 'seqio',
-                  passthrough: Sequence[str] = ()) -> Iterator[dict]:
+                  passthrough: Sequence[str] = (),
+                  group_buckets: Optional[Mapping[str, Sequence[int]]] = None
+                  ) -> Iterator[dict]:
   """This host's rows of each global batch, in a fixed order from `seed`.
 
   Resuming at step n skips the n batches already seen, so a resumed run trains
@@ -142,6 +144,11 @@ def train_dataset(task_name: str, task_feature_lengths: Mapping[str, int], batch
   data) or 'slice' (every host reads the whole stream and keeps its rows of
   each global batch: the batches do not depend on the number of hosts, at the
   cost of reading everything everywhere).
+  group_buckets: length buckets (resolve_buckets) to group the shuffled stream
+  by (group_by_length): each batch then holds examples of one bucket. With
+  'seqio' sharding each host groups its own shard, so hosts may bring rows of
+  different buckets to one step (bucket_batch then takes the longest); 'slice'
+  groups the global stream and keeps every global batch in one bucket.
   """
   import seqio  # pylint: disable=g-import-not-at-top
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
@@ -158,10 +165,12 @@ def train_dataset(task_name: str, task_feature_lengths: Mapping[str, int], batch
       shard_info=seqio.ShardInfo(index=host if seqio_shard else 0,
                                  num_shards=n_hosts if seqio_shard else 1),
       seed=seed)
+  batch = group_by_length(group_buckets) if group_buckets else (
+      lambda d, n: d.batch(n, drop_remainder=True))
   if seqio_shard:
-    ds = ds.batch(per_host, drop_remainder=True)
+    ds = batch(ds, per_host)
   else:
-    ds = ds.batch(batch_size, drop_remainder=True).map(
+    ds = batch(ds, batch_size).map(
         lambda b: {k: v[host * per_host:(host + 1) * per_host] for k, v in b.items()})
   ds = ds.skip(start_step)
   return map(model_batch, ds.prefetch(tf.data.AUTOTUNE).as_numpy_iterator())
@@ -174,21 +183,26 @@ def resolve_buckets(length_buckets: Any, task_feature_lengths: Mapping[str, int]
                     ) -> Optional[dict]:
   """{'inputs': [lengths...], 'targets': [...]}, each ending at the feature
   length, from `train.length_buckets`: None (one shape, T5X's), 'pow2'
-  (powers of two from 8 up to each feature length) or {'inputs': [...],
-  'targets': [...]} (a feature left out keeps its one length)."""
+  (powers of two up to each feature length, from 8 for inputs and from 2
+  for targets: a label word and EOS), 'pow2/N' (N buckets per doubling,
+  evenly spaced: 'pow2/2' = 8, 12, 16, 24, 32, ...; 'pow2/4' = 8, 10, 12,
+  14, 16, 20, ...: at most 1/(N+1) of a row is padding instead of a half,
+  N times the compiles) or {'inputs': [...], 'targets': [...]} (a spec or
+  a list per feature; a feature left out keeps its one length)."""
   if length_buckets is None:
     return None
   out = {}
   for feature in ('inputs', 'targets'):
     full = int(task_feature_lengths[feature])
     spec = length_buckets if isinstance(length_buckets, str) else dict(length_buckets).get(feature)
+    first = 3 if feature == 'inputs' else 1   # log2 of the smallest bucket
     if spec is None:
       sizes = []
-    elif spec == 'pow2':
-      sizes = [2 ** k for k in range(3, 31) if 2 ** k < full]
     elif isinstance(spec, str):
-      raise DataError(f"train.length_buckets: {spec!r} is not a bucket spec; use 'pow2' or a "
-                      "list of lengths, e.g. {'inputs': [64, 128, 256]}.")
+      per_doubling = _pow2_steps(spec)
+      sizes = sorted({int(round(2 ** k * (1 + j / per_doubling)))
+                      for k in range(first, 31) for j in range(per_doubling)})
+      sizes = [n for n in sizes if n < full]
     else:
       sizes = sorted({int(n) for n in spec})
       if sizes and sizes[0] < 1:
@@ -196,6 +210,16 @@ def resolve_buckets(length_buckets: Any, task_feature_lengths: Mapping[str, int]
       sizes = [n for n in sizes if n < full]
     out[feature] = sizes + [full]
   return out
+
+
+def _pow2_steps(spec: str) -> int:
+  """Buckets per doubling of a 'pow2' / 'pow2/N' spec."""
+  head, _, steps = spec.partition('/')
+  if head == 'pow2' and (not steps or (steps.isdigit() and 1 <= int(steps) <= 16)):
+    return int(steps or 1)
+  raise DataError(f"train.length_buckets: {spec!r} is not a bucket spec; use 'pow2', "
+                  "'pow2/N' (N buckets per doubling, 1-16) or a list of lengths, e.g. "
+                  "{'inputs': [64, 128, 256]}.")
 
 
 def _used_length(tokens: np.ndarray) -> int:
@@ -224,6 +248,48 @@ def bucket_batch(batch: Mapping[str, np.ndarray], buckets: Mapping[str, Sequence
   for k in ('decoder_input_tokens', 'decoder_target_tokens') if cut_targets else ():
     out[k] = batch[k][:, :targets]
   return out
+
+
+def length_order(tokens: np.ndarray, sizes: Sequence[int],
+                 order: Optional[np.ndarray] = None) -> np.ndarray:
+  """`order` (default: every row) stably sorted by the length bucket (one of
+  `sizes`) of each row of `tokens`: batches cut from it hold rows of one
+  bucket, so few are padded far (offline evaluation and inference, where the
+  order of the rows does not matter)."""
+  tokens = np.asarray(tokens)
+  order = np.arange(len(tokens)) if order is None else np.asarray(order)
+  used = tokens.shape[1] - np.argmax(tokens[:, ::-1] != 0, axis=1)
+  used = np.where(tokens.any(axis=1), used, 1)
+  bucket = np.searchsorted(np.asarray(sizes), used)   # the smallest size >= used
+  return order[np.argsort(bucket[order], kind='stable')]
+
+
+def group_by_length(buckets: Mapping[str, Sequence[int]]) -> Any:
+  """A batching function (dataset, batch size) -> batches whose examples all
+  fall in one length bucket of inputs and of targets, so bucket_batch cuts
+  them to that bucket (what HF's group_by_length does with sorted mega-
+  batches, here with tf.data's group_by_window, the op behind its
+  bucket_by_sequence_length; that op pads, and our rows are already padded).
+  Deterministic for a deterministic input, so resume-by-skip stays exact.
+  A finite input's last partial batch of each bucket is dropped."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  bounds = {f: tf.constant(list(buckets[f])[:-1], tf.int32) for f in ('inputs', 'targets')}
+  n_targets = len(buckets['targets'])
+
+  def used(tokens: Any) -> Any:  # columns up to the last non-padding token
+    n = tf.shape(tokens)[0] - tf.argmax(tf.cast(tf.reverse(tokens, [0]) != 0, tf.int32),
+                                        output_type=tf.int32)
+    return tf.where(tf.reduce_any(tokens != 0), n, 1)
+
+  def key(ex: Any) -> Any:  # the bucket index of the inputs, then of the targets
+    i = tf.reduce_sum(tf.cast(used(ex['encoder_input_tokens']) > bounds['inputs'], tf.int32))
+    t = tf.reduce_sum(tf.cast(used(ex['decoder_target_tokens']) > bounds['targets'], tf.int32))
+    return tf.cast(i * n_targets + t, tf.int64)
+
+  def batch(ds: Any, size: int) -> Any:
+    return ds.group_by_window(key_func=key, window_size=size,
+                              reduce_func=lambda _, w: w.batch(size, drop_remainder=True))
+  return batch
 
 
 def first_examples(task_name: str, task_feature_lengths: Mapping[str, int],

@@ -2,7 +2,8 @@
 
 seqio's `Evaluator` owns the data and the metrics (decode-mode `metric_fns`
 and rank-classification `score_metric_fns`); this module supplies the model
-functions it calls, batched at one fixed shape so nothing recompiles.
+functions it calls, batched at one fixed shape so nothing recompiles (or,
+with LENGTH_BUCKETS, rows grouped by length and one compile per bucket).
 """
 from __future__ import annotations
 
@@ -22,15 +23,36 @@ from prompt_transfer.model.models import EncoderDecoderModel, Params
 from prompt_transfer.training import data
 
 
-def iterate_padded_batches(ds: Any, batch_size: int) -> Iterable[Tuple[np.ndarray, dict, int]]:
+def _by_length(ds: Any, batch_size: int, buckets: Mapping[str, Any]
+               ) -> Iterable[Tuple[np.ndarray, dict]]:
+  """The enumerated dataset's rows in batches of one length bucket each (the
+  Evaluator holds its datasets in memory already; outputs go by index)."""
+  parts: dict = {}
+  for idx, ex in ds.batch(1024).as_numpy_iterator():
+    for k, v in {'_idx': idx, **data.model_batch(ex)}.items():
+      parts.setdefault(k, []).append(np.asarray(v))
+  rows = {k: np.concatenate(v) for k, v in parts.items()}
+  if not parts:
+    return
+  order = data.length_order(rows['encoder_input_tokens'], buckets['inputs'])
+  for start in range(0, len(order), batch_size):
+    take = order[start:start + batch_size]
+    yield rows['_idx'][take], {k: v[take] for k, v in rows.items() if k != '_idx'}
+
+
+def iterate_padded_batches(ds: Any, batch_size: int,
+                           buckets: Optional[Mapping[str, Any]] = None
+                           ) -> Iterable[Tuple[np.ndarray, dict, int]]:
   """(indices, numpy batch, number of real rows) from an enumerated tf.data set.
 
   The last batch is padded with copies of its first row so every batch has the
-  same shape (one compilation); padded rows are dropped by the caller.
+  same shape (one compilation); padded rows are dropped by the caller. With
+  length buckets the rows come grouped by bucket (then cut by the caller).
   """
-  for idx, ex in ds.batch(batch_size).as_numpy_iterator():
+  batches = _by_length(ds, batch_size, buckets) if buckets else (
+      (idx, data.model_batch(ex)) for idx, ex in ds.batch(batch_size).as_numpy_iterator())
+  for idx, batch in batches:
     n = len(idx)
-    batch = data.model_batch(ex)
     if n < batch_size:
       batch = {k: np.concatenate([v, np.repeat(v[:1], batch_size - n, 0)]) for k, v in
                batch.items()}
@@ -53,7 +75,7 @@ def make_predict_fn(model: EncoderDecoderModel, params: Params, batch_size: int,
 
   def predict_fn(ds: Any) -> list:
     out = []
-    for idx, batch, n in iterate_padded_batches(ds, batch_size):
+    for idx, batch, n in iterate_padded_batches(ds, batch_size, buckets):
       if buckets:
         batch = data.bucket_batch(batch, buckets, cut_targets=False)
       tokens = np.asarray(model.predict_batch(params, batch, num_decodes=num_decodes))
@@ -68,7 +90,7 @@ def make_score_fn(model: EncoderDecoderModel, params: Params, batch_size: int,
 
   def score_fn(ds: Any) -> list:
     out = []
-    for idx, batch, n in iterate_padded_batches(ds, batch_size):
+    for idx, batch, n in iterate_padded_batches(ds, batch_size, buckets):
       if buckets:
         batch = data.bucket_batch(batch, buckets)
       scores = np.asarray(model.score_batch(params, batch))
@@ -172,16 +194,18 @@ class StepEvaluator:
   """Evaluation during training: the task's metrics on the stage's model."""
   evaluator: Any
   batch_size: int
+  buckets: Optional[Mapping[str, Any]] = None   # the run's length buckets
 
   @classmethod
   def create(cls, eval_period: Optional[int], task_name: str,
              task_feature_lengths: Mapping[str, int], split: str,
              num_examples: Optional[int], batch_size: int,
-             passthrough: Sequence[str] = ()) -> Optional['StepEvaluator']:
+             passthrough: Sequence[str] = (),
+             buckets: Optional[Mapping[str, Any]] = None) -> Optional['StepEvaluator']:
     if not eval_period:
       return None
     return cls(data.build_evaluator(task_name, task_feature_lengths, split, num_examples,
-                                    passthrough=passthrough), batch_size)
+                                    passthrough=passthrough), batch_size, buckets)
 
   def __call__(self, setup: Any, step: int, prefix: str = 'eval', label: str = '') -> dict:
     """{'eval/task/metric': value} of the set-up's model and state at `step`
@@ -189,7 +213,8 @@ class StepEvaluator:
     from prompt_transfer.training.logger import log  # pylint: disable=g-import-not-at-top
     from prompt_transfer.training.state import merge_params  # pylint: disable=g-import-not-at-top
     params = merge_params(setup.state['trainable'], setup.frozen)
-    results = run_evaluation(self.evaluator, setup.model, params, self.batch_size, step)
+    results = run_evaluation(self.evaluator, setup.model, params, self.batch_size, step,
+                             buckets=self.buckets)
     log(f'eval at step {step}{" on the " + label if label else ""}: ' +
         ', '.join(f'{k} {v:.4g}' for k, v in sorted(results.items())))
     return {f'{prefix}/{k}': v for k, v in results.items()}
@@ -260,7 +285,8 @@ def evaluate(model_dir: Optional[str] = None, mixture_or_task_name: str = gin.RE
   if prompt_library:
     return _evaluate_library(prompt_library, mixture_or_task_name, task_feature_lengths,
                              checkpoint_path, split, batch_size, num_examples, model_seed,
-                             output_file, model_dir or prompt_file)
+                             output_file, model_dir or prompt_file,
+                             data.resolve_buckets(length_buckets, task_feature_lengths))
   if not (model_dir or prompt_file or allow_no_prompt):
     raise FileNotFoundError(
         't5x eval needs a prompt: --gin.MODEL_DIR=\\"/run\\" (its latest numpy checkpoint) or '
@@ -303,7 +329,9 @@ def infer(model_dir: Optional[str] = None, mixture_or_task_name: str = gin.REQUI
                          task.output_features['targets'].vocabulary)
     evaluator = data.build_evaluator(task.name, task_feature_lengths, split, num_examples)
     from prompt_transfer import many_prompts  # pylint: disable=g-import-not-at-top
-    outputs = many_prompts.mixed_outputs(evaluator, bank, batch_size, num_decodes)
+    outputs = many_prompts.mixed_outputs(
+        evaluator, bank, batch_size, num_decodes,
+        buckets=_eval_buckets(data.resolve_buckets(length_buckets, task_feature_lengths)))
     output_file = output_file or f'predictions_{split}.jsonl'
     n = write_predictions(output_file, evaluator, bank.model, bank.params, batch_size,
                           num_decodes, outputs)
@@ -337,7 +365,8 @@ def _library_bank(prompt_library: Any, checkpoint_path: Optional[str], model_see
 def _evaluate_library(prompt_library: Any, mixture_or_task_name: str,
                       task_feature_lengths: Mapping[str, int], checkpoint_path: Optional[str],
                       split: str, batch_size: int, num_examples: Optional[int],
-                      model_seed: int, output_file: Optional[str], single: Any) -> dict:
+                      model_seed: int, output_file: Optional[str], single: Any,
+                      buckets: Optional[Mapping[str, Any]] = None) -> dict:
   """`t5x eval` with PROMPT_LIBRARY: each task with its own prompt, mixed batches."""
   if single:
     raise ConfigError('PROMPT_LIBRARY names the prompts; leave MODEL_DIR and PROMPT_FILE unset.')
@@ -346,7 +375,8 @@ def _evaluate_library(prompt_library: Any, mixture_or_task_name: str,
   bank = _library_bank(prompt_library, checkpoint_path, model_seed,
                        task.output_features['targets'].vocabulary)
   evaluator = data.build_evaluator(task.name, task_feature_lengths, split, num_examples)
-  outputs = many_prompts.mixed_outputs(evaluator, bank, batch_size)
+  outputs = many_prompts.mixed_outputs(evaluator, bank, batch_size,
+                                       buckets=_eval_buckets(buckets))
   results = run_evaluation(evaluator, bank.model, bank.params, batch_size, outputs=outputs)
   used = {t.name: bank.sources[bank.prompt_for_task(t.name)] for t in evaluator.eval_tasks}
   print(f'[prompt-transfer] eval of {len(used)} tasks, each with its own prompt, in mixed '

@@ -118,6 +118,7 @@ class StepLogger:
     self._seconds_before = previous.get('train_seconds_total', 0.0)
     self._t0 = self._t_log = time.time()
     self._examples = 0
+    self._window_flops: Optional[float] = 0.0   # FLOPs of the steps since the last record
     self._warned = 0
 
   def __enter__(self) -> 'StepLogger':
@@ -147,6 +148,9 @@ class StepLogger:
 
   def step_done(self) -> None:
     self._examples += self.batch_size
+    # Summed per step: with length buckets the steps of one window differ in cost.
+    self._window_flops = (self._window_flops + self.step_flops
+                          if self._window_flops is not None and self.step_flops else None)
     if self.total_flops is not None:  # unknown once a stage's count is
       self.total_flops = self.total_flops + self.step_flops if self.step_flops else None
 
@@ -162,15 +166,18 @@ class StepLogger:
           f'(step {checkpointed_step}) is kept in {self.model_dir}. Lower the '
           'learning rate or check the data.')
     now = time.time()
-    ex_per_s = self._examples / max(now - self._t_log, 1e-9)
-    self._t_log, self._examples = now, 0
+    window_s = max(now - self._t_log, 1e-9)
+    ex_per_s = self._examples / window_s
+    window_flops = self._window_flops
+    self._t_log, self._examples, self._window_flops = now, 0, 0.0
     out = {'loss': loss, 'learning_rate': float(self.lr_fn(done)),
            'examples_per_second': ex_per_s, 'elapsed_seconds': now - self._t0,
            **{k: float(v) for k, v in metrics.items() if k != 'loss'}}
     if self.step_flops:
-      out['train_step_flops'] = self.step_flops
-      util = perf.mfu(self.step_flops, ex_per_s / self.batch_size, jax.device_count(),
-                      self.peak)
+      out['train_step_flops'] = self.step_flops   # the last step's (its bucket's)
+    if window_flops:
+      # The window's FLOPs over its time (one 'step' of them per window).
+      util = perf.mfu(window_flops, 1.0 / window_s, jax.device_count(), self.peak)
       if util is not None:  # accelerators only: CPUs have no peak in the table
         out['mfu'] = util
     if self.total_flops is not None:

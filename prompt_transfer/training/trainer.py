@@ -73,6 +73,7 @@ def train(
     tensorboard: bool = True,
     task_loss_weight: float = 1.0,
     length_buckets: Any = None,
+    length_grouping: bool = False,
 ) -> dict:
   """Trains the prompt module (or any parameters matching `trainable_params`).
 
@@ -93,6 +94,9 @@ def train(
   TASK_FEATURE_LENGTHS, T5X's one shape), 'pow2' or {'inputs': [...],
   'targets': [...]}: each batch is cut to the smallest bucket its longest row
   fits in (data.bucket_batch; one compile per bucket shape, same loss).
+  length_grouping: batches drawn from one bucket each (data.group_by_length,
+  like HF's group_by_length): far less padding on tasks of mixed lengths, at
+  the price of batches of similar examples; needs length_buckets.
   """
   for name, value, least in (('TRAIN_STEPS', train_steps, 0), ('BATCH_SIZE', batch_size, 1),
                              ('train.checkpoint_period', checkpoint_period, 1),
@@ -107,6 +111,9 @@ def train(
   task = data.get_task(mixture_or_task_name)
   data.check_target_length(mixture_or_task_name, task_feature_lengths)
   buckets = data.resolve_buckets(length_buckets, task_feature_lengths)
+  if length_grouping and not buckets:
+    raise TrainingError('LENGTH_GROUPING = True groups batches by length bucket; give '
+                        "LENGTH_BUCKETS too (e.g. --gin.LENGTH_BUCKETS=\"'pow2'\").")
   try:
     epath.Path(model_dir).mkdir(parents=True, exist_ok=True)
   except OSError as e:
@@ -188,7 +195,7 @@ def train(
 
     evaluator = evaluation.StepEvaluator.create(
         eval_period, mixture_or_task_name, task_feature_lengths, eval_split,
-        eval_num_examples, eval_batch_size or batch_size, passthrough)
+        eval_num_examples, eval_batch_size or batch_size, passthrough, buckets)
     last: dict = {}
     full_for_eval: Optional[TrainSetup] = None  # the full model's, during partial stages
 
@@ -212,7 +219,9 @@ def train(
         logger.write(0, evaluate_now(setup, 0))  # how good the initial prompt already is
       batches = data.train_dataset(mixture_or_task_name, task_feature_lengths, batch_size,
                                    seed, start_step, host_data_sharding=host_data_sharding,
-                                   passthrough=passthrough) if start_step < train_steps else None
+                                   passthrough=passthrough,
+                                   group_buckets=buckets if length_grouping else None
+                                   ) if start_step < train_steps else None
       p_train_step = None
       flops_by_shape: dict = {}  # batch shape -> the compiled step's FLOPs (length buckets)
       for step in range(start_step, train_steps):
