@@ -15,7 +15,9 @@ DEMO_STEPS ?= 300
 TARGET_STEPS ?= 100
 TARGET_FLAGS = --gin.MIXTURE_OR_TASK_NAME=\"$(TARGET_TASK)\" --gin.TRAIN_STEPS=$(TARGET_STEPS) \
   --gin.train.eval_period=10
-PYTEST_ARGS ?= -n 2
+# loadfile: a module's tests on one worker, so its module-scoped fixtures (trained
+# prompts, reference runs) are built once, not once per worker.
+PYTEST_ARGS ?= -n 2 --dist loadfile
 
 .PHONY: venv demo test clean constraints
 

@@ -14,6 +14,17 @@ prompt, on one frozen model (the same shapes everywhere: inputs
                 what PEFT's prompt tuning must do (it repeats one prompt over
                 the batch), here with our own model so only the batching differs.
 
+and, unless --no-peft, what a PEFT user runs (transformers + peft in a fresh
+process, torch at --threads threads, the same model exported with
+export_hf_checkpoint, the same K prompts as K PEFT prompt-tuning adapters):
+
+  peft one prompt    B examples under one adapter;
+  peft one by one    set_adapter(task) and B/K examples, K times (PEFT's
+                     prompt tuning cannot mix adapters in a batch).
+
+Ours vs our one by one is the batching alone; ours vs PEFT one by one is
+what a user switching tools sees (batching and framework together).
+
 Both programs are measured: greedy decoding (predict_batch) and scoring
 (score_batch, the rank-classification call). Compiles first, then --repeats
 timed calls; examples/s is the median. The issue's targets: mixed >= 0.9x
@@ -28,12 +39,16 @@ import json
 import os
 import statistics
 import sys
+import tempfile
 import time
 
 import jax
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+for _path in (ROOT, os.path.join(ROOT, 'bench')):
+  if _path not in sys.path:
+    sys.path.insert(0, _path)
 from prompt_transfer import build_model, load_pretrained  # pylint: disable=wrong-import-position
 from prompt_transfer import many_prompts  # pylint: disable=wrong-import-position
 from prompt_transfer.model.models import merge_prompt  # pylint: disable=wrong-import-position
@@ -51,6 +66,116 @@ def timed(fn, repeats: int) -> float:
   return statistics.median(times)
 
 
+def run_peft(spec: dict) -> dict:
+  """The PEFT sides, in a fresh process: K adapters on one HF model."""
+  import torch  # pylint: disable=g-import-not-at-top
+  import peft  # pylint: disable=g-import-not-at-top
+  from transformers import T5ForConditionalGeneration  # pylint: disable=g-import-not-at-top
+  torch.set_num_threads(spec['threads'])
+  prompts = np.load(spec['prompts'])  # [K, L, d]
+  k = prompts.shape[0]
+  base = T5ForConditionalGeneration.from_pretrained(spec['hf_dir'])
+  # num_transformer_submodules=1: the prompt on the encoder only, as ours
+  # (PEFT's seq2seq default would also prepend it to the decoder).
+  config = peft.PromptTuningConfig(
+      task_type=peft.TaskType.SEQ_2_SEQ_LM, num_virtual_tokens=prompts.shape[1],
+      num_transformer_submodules=1, prompt_tuning_init=peft.PromptTuningInit.RANDOM)
+  model = peft.get_peft_model(base, config, adapter_name='t0')
+  for t in range(1, k):
+    model.add_adapter(f't{t}', config)
+  with torch.no_grad():
+    for t in range(k):
+      model.prompt_encoder[f't{t}'].embedding.weight.copy_(torch.from_numpy(prompts[t]))
+  model.eval()
+  out = {'torch_threads': torch.get_num_threads(), 'batches': {}}
+  with np.load(spec['data']) as f:
+    data = {name: f[name] for name in f.files}
+  for b in spec['batches']:
+    enc = torch.from_numpy(data[f'enc_{b}'].astype(np.int64))
+    tgt = torch.from_numpy(data[f'tgt_{b}'].astype(np.int64))
+    ids = data[f'ids_{b}']
+    decode_tokens = tgt.shape[1]
+
+    def predict(rows):
+      model.set_adapter(f't{int(ids[rows][0])}')
+      x = enc[rows]
+      return model.generate(input_ids=x, attention_mask=torch.ones_like(x),
+                            max_new_tokens=decode_tokens, do_sample=False, num_beams=1,
+                            use_cache=True)
+
+    def score(rows):
+      model.set_adapter(f't{int(ids[rows][0])}')
+      x, y = enc[rows], tgt[rows]
+      logits = model(input_ids=x, attention_mask=torch.ones_like(x), labels=y).logits
+      logp = torch.log_softmax(logits.float(), -1).gather(-1, y[..., None])[..., 0]
+      return (logp * (y > 0)).sum(-1)
+
+    per_task = [np.flatnonzero(ids == t) for t in range(k)]
+    everything = np.arange(b)
+    row = {}
+    with torch.inference_mode():
+      for program, fn in (('predict', predict), ('score', score)):
+        # One prompt over the whole batch (the adapter of row 0), then the K
+        # tasks in turn under their own adapters.
+        one_s = timed(lambda fn=fn: fn(everything), spec['repeats'])
+        by_task_s = timed(lambda fn=fn: [fn(rows) for rows in per_task], spec['repeats'])
+        row[program] = {'peft one prompt': b / one_s, 'peft one by one': b / by_task_s}
+      # What PEFT decodes, each task under its own adapter, for the agreement check.
+      tokens = np.zeros((b, decode_tokens), np.int64)
+      for rows in per_task:
+        gen = predict(rows)[:, 1:].numpy()  # drop the decoder start token
+        tokens[rows, :gen.shape[1]] = gen
+      scores = np.zeros(b, np.float64)
+      for rows in per_task:
+        scores[rows] = score(rows).numpy()
+    after = np.cumsum(np.cumsum(tokens == 1, axis=1), axis=1) > 1  # zeros after EOS, as ours
+    row['tokens'] = np.where(after, 0, tokens).tolist()
+    row['scores'] = scores.tolist()
+    out['batches'][str(b)] = row
+  return out
+
+
+def add_peft(result: dict, args: argparse.Namespace, config, frozen, prompts, inputs) -> None:
+  """Runs the PEFT sides in a fresh process and adds them to `result`."""
+  try:
+    import peft  # pylint: disable=g-import-not-at-top,unused-import
+    import transformers  # pylint: disable=g-import-not-at-top,unused-import
+  except ImportError as e:
+    print(f'[bench] PEFT sides skipped: {e} (pip install -e .[test])', file=sys.stderr)
+    return
+  import peft_compare  # pylint: disable=g-import-not-at-top
+  from prompt_transfer.model.export import export_hf_checkpoint  # pylint: disable=g-import-not-at-top
+  with tempfile.TemporaryDirectory() as tmp:
+    hf_dir = export_hf_checkpoint(frozen, config, os.path.join(tmp, 'hf'))
+    np.save(os.path.join(tmp, 'prompts.npy'), np.stack(prompts).astype(np.float32))
+    np.savez(os.path.join(tmp, 'data.npz'),
+             **{f'{name}_{b}': v[name] for b, v in inputs.items()
+                for name in ('enc', 'tgt', 'ids')})
+    spec = {'hf_dir': hf_dir, 'prompts': os.path.join(tmp, 'prompts.npy'),
+            'data': os.path.join(tmp, 'data.npz'), 'batches': list(inputs),
+            'threads': args.threads, 'repeats': args.repeats}
+    print('[bench] PEFT sides (fresh process) ...', file=sys.stderr, flush=True)
+    theirs = peft_compare.run_worker('peft', spec, args.timeout, script=os.path.abspath(__file__))
+  result['peft'] = {'torch_threads': theirs['torch_threads'],
+                    'versions': peft_compare.versions()}
+  for b, mine in inputs.items():
+    row, out = theirs['batches'][str(b)], result['batches'][str(b)]
+    tokens, scores = np.asarray(row['tokens']), np.asarray(row['scores'])
+    # Same model, same prompts: PEFT should decode what the mixed bank decodes.
+    out['peft_agreement'] = {
+        'decoded_rows_equal': float(np.mean(np.all(tokens == mine['tokens'], axis=1))),
+        'score_max_abs_diff': float(np.max(np.abs(scores - mine['scores'])))}
+    for program in ('predict', 'score'):
+      rates = out[program]['examples_per_s']
+      rates.update({n: round(v, 1) for n, v in row[program].items()})
+      out[program]['mixed_vs_peft_one_by_one'] = round(
+          rates['mixed bank'] / rates['peft one by one'], 2)
+      out[program]['peft_one_prompt_vs_one_by_one'] = round(
+          rates['peft one prompt'] / rates['peft one by one'], 2)
+      print(f'[bench] B={b} {program}: peft one prompt {rates["peft one prompt"]:.1f}, '
+            f'peft one by one {rates["peft one by one"]:.1f} ex/s', file=sys.stderr, flush=True)
+
+
 def main() -> int:
   parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
   parser.add_argument('--checkpoint', default='pkg://assets/t5_1_1_mini_synthetic')
@@ -61,8 +186,21 @@ def main() -> int:
   parser.add_argument('--input_tokens', type=int, default=64)
   parser.add_argument('--decode_tokens', type=int, default=16)
   parser.add_argument('--repeats', type=int, default=5)
+  parser.add_argument('--no-peft', dest='peft', action='store_false',
+                      help='skip the transformers + peft sides')
+  parser.add_argument('--threads', type=int, default=2, help='torch threads (PEFT sides)')
+  parser.add_argument('--timeout', type=float, default=1800, help='PEFT worker, seconds')
   parser.add_argument('--json', default=None)
+  parser.add_argument('--worker', choices=['peft'], help=argparse.SUPPRESS)
+  parser.add_argument('--spec', help=argparse.SUPPRESS)
+  parser.add_argument('--result', help=argparse.SUPPRESS)
   args = parser.parse_args()
+  if args.worker:
+    with open(args.spec) as f:
+      spec = json.load(f)
+    with open(args.result, 'w') as f:
+      json.dump(run_peft(spec), f)
+    return 0
   k = args.prompts
   if any(b % k for b in args.batches):
     parser.error('every --batches value must be a multiple of --prompts')
@@ -77,7 +215,10 @@ def main() -> int:
   per_task_params = [jax.device_put(merge_prompt({'prompt': {'prompt': p}}, frozen))
                      for p in prompts]
   result = {'checkpoint': args.checkpoint, 'model': config.name, 'device': str(jax.devices()[0]),
-            'settings': {kk: v for kk, v in vars(args).items() if kk != 'json'}, 'batches': {}}
+            'settings': {kk: v for kk, v in vars(args).items()
+                         if kk not in ('json', 'worker', 'spec', 'result')},
+            'batches': {}}
+  inputs = {}  # per B: what the PEFT sides get, and what ours computed
   for b in args.batches:
     enc = rs.randint(3, 250, size=(b, args.input_tokens)).astype(np.int32)
     enc[:, -1] = 1
@@ -92,6 +233,8 @@ def main() -> int:
     out: dict = {}
     # The bank computes what each prompt alone computes (same greedy tokens).
     mixed_tokens = np.asarray(bank_model.predict_batch(bank_params, mixed_batch))
+    inputs[b] = {'enc': enc, 'tgt': tgt, 'ids': ids, 'tokens': mixed_tokens,
+                 'scores': np.asarray(bank_model.score_batch(bank_params, mixed_batch))}
     out['mixed_equals_each_prompt_alone'] = bool(all(
         np.array_equal(mixed_tokens[ids == t],
                        np.asarray(single.predict_batch(per_task_params[t], per_task[t])))
@@ -112,6 +255,8 @@ def main() -> int:
       print(f'[bench] B={b} {program}: ' + ', '.join(f'{n} {v:.1f} ex/s' for n, v in rows.items()),
             file=sys.stderr, flush=True)
     result['batches'][str(b)] = out
+  if args.peft:
+    add_peft(result, args, config, frozen, prompts, inputs)
   text = json.dumps(result, indent=1)
   print(text)
   if args.json:

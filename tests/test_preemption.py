@@ -16,7 +16,7 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PROMPT = 'encoder.prompt.prompt.prompt'
-STEPS = 30
+STEPS = 200  # JAX needs a few steps (4-11 seen) to agree on a sync point: room for that
 # No periodic checkpoint before the end: whatever the rerun resumes from was
 # written because of the signal.
 ARGS = ['train', '--gin_file=runs/quickstart.gin', f'--gin.TRAIN_STEPS={STEPS}',
@@ -66,12 +66,19 @@ def _reference(tmp_path_factory):
   return _prompt(d)
 
 
-def _resume_and_compare(model_dir, stopped_at, reference, rerun):
+def _resume_and_compare(model_dir, stopped_at, reference, rerun, exact=True):
   assert 0 < stopped_at < STEPS
   assert _checkpoints(model_dir) == [0, stopped_at]  # the signal's checkpoint, nothing periodic
   out = rerun()
   assert f'resumed from {os.path.join(model_dir, "checkpoints")}/{stopped_at}' in out, out[-3000:]
-  np.testing.assert_array_equal(_prompt(model_dir), reference)
+  if exact:
+    np.testing.assert_array_equal(_prompt(model_dir), reference)
+  else:
+    # Two processes sum gradients in another order than one (float sums
+    # differ in the last bits); a step missed or repeated at lr 0.3 moves the
+    # prompt by orders of magnitude more than this tolerance.
+    np.testing.assert_allclose(_prompt(model_dir), reference, rtol=0,
+                               atol=1e-5 * np.abs(reference).max())
   steps = [json.loads(l)['step'] for l in open(os.path.join(model_dir, 'metrics.jsonl'))]
   assert steps == sorted(set(steps)) and steps[-1] == STEPS  # one line per step across the stop
 
@@ -103,11 +110,7 @@ def _launch_local(model_dir):
                           start_new_session=True)
 
 
-def test_two_processes_agree_on_the_step_when_one_is_signalled(tmp_path):
-  ref = _launch_local(str(tmp_path / 'uninterrupted'))  # two processes sum in another order
-  out, _ = ref.communicate(timeout=400)
-  assert ref.returncode == 0, out[-4000:]
-  reference = _prompt(str(tmp_path / 'uninterrupted'))
+def test_two_processes_agree_on_the_step_when_one_is_signalled(reference, tmp_path):
   d = str(tmp_path / 'two')
   proc = _launch_local(d)
   _wait_for_step(proc, d, 3)
@@ -126,4 +129,4 @@ def test_two_processes_agree_on_the_step_when_one_is_signalled(tmp_path):
     text, _ = p.communicate(timeout=400)
     assert p.returncode == 0, text[-4000:]
     return text
-  _resume_and_compare(d, stopped_at, reference, rerun)
+  _resume_and_compare(d, stopped_at, reference, rerun, exact=False)
