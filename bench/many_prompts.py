@@ -53,6 +53,7 @@ from prompt_transfer import build_model, load_pretrained  # pylint: disable=wron
 from prompt_transfer import many_prompts  # pylint: disable=wrong-import-position
 from prompt_transfer.model.models import merge_prompt  # pylint: disable=wrong-import-position
 from prompt_transfer.prompts.free import free_prompt  # pylint: disable=wrong-import-position
+import peft_compare  # pylint: disable=wrong-import-position
 
 
 def timed(fn, repeats: int) -> float:
@@ -143,7 +144,6 @@ def add_peft(result: dict, args: argparse.Namespace, config, frozen, prompts, in
   except ImportError as e:
     print(f'[bench] PEFT sides skipped: {e} (pip install -e .[test])', file=sys.stderr)
     return
-  import peft_compare  # pylint: disable=g-import-not-at-top
   from prompt_transfer.model.export import export_hf_checkpoint  # pylint: disable=g-import-not-at-top
   with tempfile.TemporaryDirectory() as tmp:
     hf_dir = export_hf_checkpoint(frozen, config, os.path.join(tmp, 'hf'))
@@ -191,16 +191,10 @@ def main() -> int:
   parser.add_argument('--threads', type=int, default=2, help='torch threads (PEFT sides)')
   parser.add_argument('--timeout', type=float, default=1800, help='PEFT worker, seconds')
   parser.add_argument('--json', default=None)
-  parser.add_argument('--worker', choices=['peft'], help=argparse.SUPPRESS)
-  parser.add_argument('--spec', help=argparse.SUPPRESS)
-  parser.add_argument('--result', help=argparse.SUPPRESS)
+  peft_compare.add_worker_args(parser, ['peft'])
   args = parser.parse_args()
   if args.worker:
-    with open(args.spec) as f:
-      spec = json.load(f)
-    with open(args.result, 'w') as f:
-      json.dump(run_peft(spec), f)
-    return 0
+    return peft_compare.serve_worker(args, lambda _, spec: run_peft(spec))
   k = args.prompts
   if any(b % k for b in args.batches):
     parser.error('every --batches value must be a multiple of --prompts')

@@ -82,7 +82,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from typing import Any, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
@@ -539,6 +539,26 @@ def matmul_ceiling(gemm: Dict[str, Any], achieved: Dict[str, float]) -> Dict[str
 # ---------------------------------------------------------------------------
 # Driver.
 # ---------------------------------------------------------------------------
+def add_worker_args(parser: argparse.ArgumentParser, sides: Sequence[str]) -> None:
+  """The hidden flags run_worker passes to the child (`--worker SIDE --spec
+  JSON --result JSON`)."""
+  parser.add_argument('--worker', choices=list(sides), help=argparse.SUPPRESS)
+  parser.add_argument('--spec', help=argparse.SUPPRESS)
+  parser.add_argument('--result', help=argparse.SUPPRESS)
+
+
+def serve_worker(args: argparse.Namespace,
+                 run: Callable[[str, Dict[str, Any]], Dict[str, Any]]) -> int:
+  """The child's side of run_worker: run(side, spec) on the spec file, the
+  result to the result file."""
+  with open(args.spec) as f:
+    spec = json.load(f)
+  result = run(args.worker, spec)
+  with open(args.result, 'w') as f:
+    json.dump(result, f)
+  return 0
+
+
 def run_worker(side: str, spec: Dict[str, Any], timeout: float,
                script: Optional[str] = None) -> Dict[str, Any]:
   """One measurement in a fresh process (`script --worker side`, this file
@@ -689,24 +709,17 @@ def main(argv: Optional[List[str]] = None) -> int:
   p.add_argument('--workdir', default=None, help='keep the exported models here')
   p.add_argument('--out', default=None, help='also write the JSON here')
   p.add_argument('--keep-tokens', action='store_true', help='keep decoded tokens in the JSON')
-  p.add_argument('--worker', choices=('ours', 'theirs', 'ours_tuned', 'gemm'),
-                 help=argparse.SUPPRESS)
-  p.add_argument('--spec', help=argparse.SUPPRESS)
-  p.add_argument('--result', help=argparse.SUPPRESS)
+  add_worker_args(p, ('ours', 'theirs', 'ours_tuned', 'gemm'))
   args = p.parse_args(argv)
 
   if args.worker:
-    with open(args.spec) as f:
-      spec = json.load(f)
-    if args.worker == 'theirs':
-      result = run_theirs(spec)
-    elif args.worker == 'gemm':
-      result = run_gemm(spec)
-    else:
-      result = run_ours(dict(spec, tuned=args.worker == 'ours_tuned'))
-    with open(args.result, 'w') as f:
-      json.dump(result, f)
-    return 0
+    def run(side, spec):
+      if side == 'theirs':
+        return run_theirs(spec)
+      if side == 'gemm':
+        return run_gemm(spec)
+      return run_ours(dict(spec, tuned=side == 'ours_tuned'))
+    return serve_worker(args, run)
 
   names = [c.strip() for c in args.configs.split(',') if c.strip()]
   unknown = [c for c in names if c not in CONFIGS]

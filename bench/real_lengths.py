@@ -381,18 +381,12 @@ def main(argv: Optional[List[str]] = None) -> int:
   p.add_argument('--threads', type=int, default=None, help='torch threads (default: cores)')
   p.add_argument('--timeout', type=float, default=3600)
   p.add_argument('--out', default=None)
-  p.add_argument('--worker', choices=OURS + THEIRS, help=argparse.SUPPRESS)
-  p.add_argument('--spec', help=argparse.SUPPRESS)
-  p.add_argument('--result', help=argparse.SUPPRESS)
+  peft_compare.add_worker_args(p, OURS + THEIRS)
   args = p.parse_args(argv)
   if args.worker:
-    with open(args.spec) as f:
-      spec = json.load(f)
-    result = (run_theirs if args.worker.startswith('theirs') else run_ours)(
-        dict(spec, side=args.worker))
-    with open(args.result, 'w') as f:
-      json.dump(result, f)
-    return 0
+    return peft_compare.serve_worker(
+        args, lambda side, spec: (run_theirs if side.startswith('theirs') else run_ours)(
+            dict(spec, side=side)))
 
   tasks = [t.strip() for t in args.tasks.split(',') if t.strip()]
   sides = [s.strip() for s in args.sides.split(',') if s.strip()]

@@ -21,6 +21,7 @@ TASKS = {'synthetic_majority_yesno': 5, 'synthetic_copy_plain': 3,
          'synthetic_greater_versus_rank': 7}
 MIXTURE = 'test_many_prompts_mixture'
 COMMON = [MODEL, '--gin_file=runs/eval.gin', LENGTHS, '--gin.evaluate.num_examples=20', '--gin.evaluate.batch_size=8']
+INFER = [MODEL, '--gin_file=runs/infer.gin', LENGTHS, '--gin.infer.num_examples=20', '--gin.infer.batch_size=8']
 
 
 @pytest.fixture(name='library', scope='module')
@@ -64,13 +65,13 @@ def test_mixed_eval_and_infer_equal_each_task_alone(library, tmp_path):
       assert got[name] == pytest.approx(value, abs=1e-6), name
   # Predictions, line by line.
   pred = str(tmp_path / 'mixed.jsonl')
-  t5x_here('infer', MODEL, '--gin_file=runs/infer.gin', LENGTHS, '--gin.infer.num_examples=20', '--gin.infer.batch_size=8',
+  t5x_here('infer', *INFER,
            f'--gin.MIXTURE_OR_TASK_NAME={MIXTURE}', f'--gin.PROMPT_LIBRARY={library["root"]}',
            '--gin.LENGTH_BUCKETS=None', f'--gin.infer.output_file={pred}')
   lines = [json.loads(l) for l in open(pred)]
   for task in TASKS:
     alone = str(tmp_path / f'{task}.jsonl')
-    t5x_here('infer', MODEL, '--gin_file=runs/infer.gin', LENGTHS, '--gin.infer.num_examples=20', '--gin.infer.batch_size=8',
+    t5x_here('infer', *INFER,
              f'--gin.MIXTURE_OR_TASK_NAME={task}', f'--gin.PROMPT_FILE={library["paths"][task]}',
              f'--gin.infer.output_file={alone}')
     want = [json.loads(l) for l in open(alone)]
@@ -86,7 +87,7 @@ def test_mixed_eval_and_infer_equal_each_task_alone(library, tmp_path):
   for name, value in _metrics(bucketed).items():
     assert got[name] == pytest.approx(value, abs=1e-6), name
   pred_b = str(tmp_path / 'bucketed.jsonl')
-  t5x_here('infer', MODEL, '--gin_file=runs/infer.gin', LENGTHS, '--gin.infer.num_examples=20', '--gin.infer.batch_size=8',
+  t5x_here('infer', *INFER,
            f'--gin.MIXTURE_OR_TASK_NAME={MIXTURE}', f'--gin.PROMPT_LIBRARY={library["root"]}',
            "--gin.LENGTH_BUCKETS='pow2'", f'--gin.infer.output_file={pred_b}')
   assert [l['prediction'] for l in map(json.loads, open(pred_b))] == [

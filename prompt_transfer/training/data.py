@@ -222,10 +222,16 @@ def _pow2_steps(spec: str) -> int:
                   "{'inputs': [64, 128, 256]}.")
 
 
+def _row_lengths(tokens: np.ndarray) -> np.ndarray:
+  """Each row's columns up to its last non-padding token (0 for an empty row)."""
+  nonzero = np.asarray(tokens) != 0
+  last = nonzero.shape[1] - np.argmax(nonzero[:, ::-1], axis=1)
+  return np.where(nonzero.any(axis=1), last, 0)
+
+
 def _used_length(tokens: np.ndarray) -> int:
   """Columns up to the last non-padding token of any row (at least 1)."""
-  cols = np.nonzero(np.asarray(tokens).any(axis=0))[0]
-  return int(cols[-1]) + 1 if len(cols) else 1
+  return max(1, int(_row_lengths(tokens).max(initial=0)))
 
 
 def bucket_batch(batch: Mapping[str, np.ndarray], buckets: Mapping[str, Sequence[int]],
@@ -256,11 +262,9 @@ def length_order(tokens: np.ndarray, sizes: Sequence[int],
   `sizes`) of each row of `tokens`: batches cut from it hold rows of one
   bucket, so few are padded far (offline evaluation and inference, where the
   order of the rows does not matter)."""
-  tokens = np.asarray(tokens)
   order = np.arange(len(tokens)) if order is None else np.asarray(order)
-  used = tokens.shape[1] - np.argmax(tokens[:, ::-1] != 0, axis=1)
-  used = np.where(tokens.any(axis=1), used, 1)
-  bucket = np.searchsorted(np.asarray(sizes), used)   # the smallest size >= used
+  # The smallest size >= each row's length (an empty row: the first).
+  bucket = np.searchsorted(np.asarray(sizes), _row_lengths(tokens))
   return order[np.argsort(bucket[order], kind='stable')]
 
 
